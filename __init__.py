@@ -1,0 +1,14 @@
+"""Z-Image DimFix: measure and fix per-dimension mismatches of Z-Image text conditioning.
+
+ComfyUI imports this file. Everything that needs ComfyUI is imported inside
+``comfy_entrypoint`` so that the pure core (``dimfix``) and the test suite can import the
+pack without a ComfyUI install.
+"""
+
+__version__ = "0.1.0"
+
+
+async def comfy_entrypoint():
+    from .nodes import DimFixExtension
+
+    return DimFixExtension()

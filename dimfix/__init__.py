@@ -1,0 +1,20 @@
+"""Pure core of Z-Image DimFix: no ComfyUI import anywhere in this package.
+
+Modules (import the ones you need; ``plots`` imports matplotlib lazily):
+
+- ``tokens``      Z-Image chat template and token classes (sink / template / content)
+- ``config``      thresholds shared by analysis, fixes and blending
+- ``stats``       streaming, mergeable float64 per-dimension moments and percentiles
+- ``compare``     reference-vs-target comparison, classes and verdict
+- ``fixtable``    the fix-table safetensors format (atomic, validated)
+- ``fixes``       fix modes applied to [..., T, D] tensors
+- ``blend``       length alignment and mixing of two sequences
+- ``checkpoint``  Qwen3 checkpoint reader (single file, HF folder, shards, flat keys)
+- ``dit``         DiT-aware sensitivity from the caption embedder weights
+- ``analysis``    corpus analysis: accumulate, compare, report, build a fix table
+- ``plots``       matplotlib figures as RGB arrays
+- ``grid``        labelled comparison grid
+- ``batch``       ComfyUI HTTP API batch runner (``python -m dimfix.batch``)
+"""
+
+__all__ = ["tokens", "config"]
