@@ -39,6 +39,9 @@ def comfy(tmp_path_factory):
     path = str(Path(COMFYUI_PATH).resolve())
     if path not in sys.path:
         sys.path.insert(0, path)
+    from zdf_testkit.host_env import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
     from comfy.cli_args import args
 
     args.cpu = True
