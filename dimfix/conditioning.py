@@ -1,0 +1,96 @@
+"""Pure helpers for ComfyUI CONDITIONING values (no ComfyUI import).
+
+A CONDITIONING is a list of ``[tensor (B, T, D), dict]`` entries; Z-Image's text encoder gives
+``[[cond (1, T, 2560), {"pooled_output": None, "attention_mask": ones (1, T) int64}]]``. Z-Image
+attends to every caption token, so a mask with zeros is never correct here: tokens must be trimmed.
+
+Half precision: fp16 input is accepted, every computation is upcast to float32 and a warning is
+logged, because Qwen3's massive activations (≈1e4 on the sink token) overflow fp16 easily; bf16 or
+fp32 encoders are recommended.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Widths of Z-Image text conditioning (Qwen3-4B hidden size).
+ZIMAGE_WIDTHS = (2560,)
+
+Conditioning = list  # list[list[torch.Tensor | dict]]
+
+
+def ones_mask(batch: int, length: int) -> torch.Tensor:
+    """An all-ones int64 attention mask of shape (batch, length)."""
+    return torch.ones((int(batch), int(length)), dtype=torch.int64)
+
+
+def validate(cond: Any, socket: str = "conditioning", width: int | None = None) -> None:
+    """Raise a ValueError naming ``socket`` unless ``cond`` is a usable Z-Image CONDITIONING."""
+    where = f"input '{socket}'"
+    if not isinstance(cond, (list, tuple)):
+        raise ValueError(f"{where} expects a CONDITIONING (a list of [tensor, dict] entries), got {type(cond).__name__}")
+    if len(cond) == 0:
+        raise ValueError(f"{where} is an empty CONDITIONING (no entries); connect a text encoder output")
+    for i, entry in enumerate(cond):
+        at = f"{where}, entry {i}"
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            raise ValueError(f"{at}: expected a [tensor, dict] pair, got {type(entry).__name__}"
+                             + (f" of length {len(entry)}" if isinstance(entry, (list, tuple)) else ""))
+        t, meta = entry
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{at}: expected a tensor first, got {type(t).__name__}")
+        if not isinstance(meta, dict):
+            raise ValueError(f"{at}: expected a dict second, got {type(meta).__name__}")
+        if t.ndim == 4:
+            raise ValueError(f"{at}: tensor has shape {tuple(t.shape)} (batch, layers, tokens, width) -- an "
+                             "'all layers' output; select one layer (Hidden Layer Select) before this node")
+        if t.ndim != 3:
+            raise ValueError(f"{at}: tensor must have shape (batch, tokens, width), got {tuple(t.shape)}")
+        if t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{at}: tensor has no tokens (shape {tuple(t.shape)})")
+        if not t.is_floating_point():
+            raise ValueError(f"{at}: tensor dtype {t.dtype} is not floating point")
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int(torch.isinf(t).sum())
+        if n_nan or n_inf:
+            hint = " (fp16 overflows on Qwen3's massive activations: use bf16 or fp32)" if t.dtype == torch.float16 else ""
+            raise ValueError(f"{at}: tensor contains {n_nan} NaN and {n_inf} Inf value(s){hint}; refusing to use it")
+        if width is not None and t.shape[-1] != width:
+            raise ValueError(f"{at}: width {t.shape[-1]} does not match the expected width {width}")
+        mask = meta.get("attention_mask")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor):
+                raise ValueError(f"{at}: attention_mask must be a tensor, got {type(mask).__name__}")
+            zeros = int((mask == 0).sum())
+            if zeros:
+                raise ValueError(f"{at}: attention_mask has {zeros} zero(s). Z-Image attends to every caption "
+                                 "token (a mask with zeros crashes or changes the image), so padded tokens must "
+                                 "be trimmed from the tensor instead of masked")
+        if t.dtype == torch.float16:
+            log.warning("%s: fp16 conditioning; computing in float32, but Qwen3's massive activations overflow "
+                        "fp16 -- prefer a bf16 or fp32 text encoder", at)
+
+
+def map_tensors(cond: Conditioning, fn: Callable[[torch.Tensor, dict], torch.Tensor]) -> Conditioning:
+    """A NEW CONDITIONING with ``fn(tensor, meta)`` applied to every entry; ``cond`` is untouched.
+
+    Each entry gets a shallow copy of its dict (``pooled_output`` and every other key kept). The
+    ``attention_mask`` is replaced by an all-ones int64 (B, T_new) mask when the entry had a mask or
+    its width is a Z-Image width (Z-Image's text encoder always emits one); other entries get none.
+    """
+    out: Conditioning = []
+    for t, meta in cond:
+        new = fn(t, meta)
+        if not isinstance(new, torch.Tensor) or new.ndim != 3:
+            raise ValueError(f"conditioning function must return a (batch, tokens, width) tensor, got "
+                             f"{tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__}")
+        new_meta = dict(meta)
+        if "attention_mask" in meta or new.shape[-1] in ZIMAGE_WIDTHS:
+            new_meta["attention_mask"] = ones_mask(new.shape[0], new.shape[1]).to(new.device)
+        out.append([new, new_meta])
+    return out

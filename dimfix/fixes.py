@@ -1,0 +1,307 @@
+"""Fix modes: per-dimension corrections of a [..., T, D] embedding from a fix table.
+
+Every mode is planned once per table (:func:`plan_fix`) as per-dim float32 ``scale``, ``shift`` and
+optional value bounds ``lo``/``hi``; applying a plan (:func:`apply_plan`) is ``x*scale + shift``
+followed by the optional clamp, computed in float32 and returned in the input dtype, never in place.
+The table's *target* statistics describe the embedding being fixed; its *reference* statistics
+describe what the DiT expects.
+
+Legacy modes (the original research's ``apply_fixes``, reproduced exactly with table statistics in
+place of the same-prompt "emb"/"qwen3" statistics):
+
+- ``none``: unchanged.
+- ``rescale``: outlier dims (σ_tgt/q > τ or < 1/τ, q = σ_ref or 1 when σ_ref < 1e-6) with
+  σ_tgt > 1e-6 are multiplied by σ_ref/σ_tgt -- about 0, so their mean is scaled too.
+- ``mask``: ``rescale``, then target-only dead dims are set to 0.
+- ``clamp``: ``mask``, then target-only hyperactive dims are clamped to ±clamp_sigma·σ_ref about 0.
+- ``full``: every dim with σ_tgt > 1e-6 is mapped ``(x - μ_tgt)/σ_tgt·σ_ref + μ_ref``.
+
+Improved modes:
+
+- ``affine``: every dim is moment-matched about the means,
+  ``x' = μ_tgt + λ(μ_ref - μ_tgt) + (x - μ_tgt)·(σ_ref/σ_tgt)^λ`` with λ = ``strength``. At λ = 1
+  this is ``μ_ref + (x - μ_tgt)·σ_ref/σ_tgt``; at λ = 0 it is the identity (the mean moves linearly,
+  the scale geometrically, so the output σ is σ_tgt^(1-λ)·σ_ref^λ). All dims, not only flagged ones:
+  with corpus statistics every dim's moments are measured, and the DiT was trained on all of them.
+  Degenerate dims (σ_tgt ≤ eps_rel·σ_ref or σ_tgt == 0) only get the mean shift, so nothing is ever
+  divided by ~0.
+- ``mask_mean``: outlier dims (two-sided ratio) and target-only dead dims are set to the reference
+  *mean* (not 0, which is far off for dims such as 4, mean ≈ 925).
+- ``clamp_pct``: outlier dims are first mapped onto the reference (the ``affine`` map at λ = 1), then
+  every dim is clamped to the reference's own value range ``[p0.1, p99.9]`` (centred where the
+  reference lives, not about 0). Without percentiles in the table, ``μ_ref ± clamp_sigma·σ_ref``
+  is used and the plan's ``notes`` say so.
+
+For every mode except ``affine``, ``strength`` interpolates between the input (0) and the fully fixed
+result (1). Outlier/dead/hyperactive classes use the table's thresholds unless others are passed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from . import tokens
+from .config import Thresholds
+from .fixtable import FixTable
+
+log = logging.getLogger(__name__)
+
+SEED_MODES = ("none", "rescale", "mask", "clamp", "full")
+IMPROVED_MODES = ("affine", "mask_mean", "clamp_pct")
+MODES = SEED_MODES + IMPROVED_MODES
+SCOPES = ("all", "content", "no_sink")
+
+#: Absolute σ guards of the original research (ratio denominator; rescale/full skip).
+LEGACY_STD_EPS = 1e-6
+
+
+def lower_median(x: torch.Tensor) -> torch.Tensor:
+    """Lower median (``torch.median`` semantics, as the original research used)."""
+    return torch.median(x)
+
+
+@dataclass(frozen=True)
+class DimFlags:
+    """Per-dim boolean classes of a table (all bool [D]); see :func:`classify_dims`."""
+
+    ratio: torch.Tensor  # float64 [D] σ_tgt / q, q = σ_ref (or 1 when σ_ref < 1e-6)
+    high: torch.Tensor
+    low: torch.Tensor
+    target_dead: torch.Tensor
+    reference_dead: torch.Tensor
+    target_hyper: torch.Tensor
+    reference_hyper: torch.Tensor
+
+    @property
+    def outlier(self) -> torch.Tensor:
+        return self.high | self.low
+
+    @property
+    def target_only_dead(self) -> torch.Tensor:
+        return self.target_dead & ~self.reference_dead
+
+    @property
+    def target_only_hyper(self) -> torch.Tensor:
+        return self.target_hyper & ~self.reference_hyper
+
+
+def _dead(std: torch.Tensor, th: Thresholds) -> torch.Tensor:
+    return (std < th.dead_abs) | (std < th.dead_rel * lower_median(std))
+
+
+def _hyper(std: torch.Tensor, th: Thresholds) -> torch.Tensor:
+    return std > th.hyper_mult * lower_median(std)
+
+
+def classify_dims(table: FixTable, thresholds: Thresholds | None = None) -> DimFlags:
+    """Outlier (two-sided std ratio), dead and hyperactive dims of the table, in float64."""
+    th = thresholds or table.meta.thresholds
+    s_ref = table.reference_std.double()
+    s_tgt = table.target_std.double()
+    q = torch.where(s_ref < LEGACY_STD_EPS, torch.ones_like(s_ref), s_ref)
+    ratio = s_tgt / q
+    return DimFlags(ratio=ratio, high=ratio > th.outlier_ratio, low=ratio < 1.0 / th.outlier_ratio,
+                    target_dead=_dead(s_tgt, th), reference_dead=_dead(s_ref, th),
+                    target_hyper=_hyper(s_tgt, th), reference_hyper=_hyper(s_ref, th))
+
+
+@dataclass(frozen=True)
+class FixPlan:
+    """A planned fix: ``y = x*scale + shift``, then ``clamp(y, lo, hi)`` when bounds exist.
+
+    ``scale``/``shift``/``lo``/``hi`` are float32 [D] (bounds are ±inf where a dim is not clamped);
+    ``dims`` (int64) lists the dims whose values can change. ``mix`` < 1 blends the clamped result
+    with the input (``x + mix·(y - x)``) for partial strength of clamping modes; strengths of
+    unclamped modes are folded into ``scale``/``shift``. ``notes`` explain fallbacks.
+    """
+
+    mode: str
+    strength: float
+    scale: torch.Tensor
+    shift: torch.Tensor
+    lo: torch.Tensor | None = None
+    hi: torch.Tensor | None = None
+    mix: float = 1.0
+    notes: tuple[str, ...] = ()
+    dims: torch.Tensor = field(init=False)
+    _affine_idx: torch.Tensor = field(init=False, repr=False)
+    _lo_id: torch.Tensor | None = field(init=False, repr=False)
+    _hi_id: torch.Tensor | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        affine = (self.scale != 1) | (self.shift != 0)
+        changed = affine.clone()
+        lo_id = hi_id = None
+        if self.lo is not None and self.hi is not None:
+            bounded = torch.isfinite(self.lo) | torch.isfinite(self.hi)
+            changed |= bounded
+            inf = torch.full_like(self.lo, float("inf"))
+            # Bounds on untouched dims can be applied to x directly (exact: y = x there).
+            lo_id = torch.where(affine, -inf, self.lo)
+            hi_id = torch.where(affine, inf, self.hi)
+            if not bool((bounded & ~affine).any()):
+                lo_id = hi_id = None
+        object.__setattr__(self, "dims", torch.nonzero(changed).flatten())
+        object.__setattr__(self, "_affine_idx", torch.nonzero(affine).flatten())
+        object.__setattr__(self, "_lo_id", lo_id)
+        object.__setattr__(self, "_hi_id", hi_id)
+
+    @property
+    def dim(self) -> int:
+        return int(self.scale.shape[0])
+
+    @property
+    def is_identity(self) -> bool:
+        return self.dims.numel() == 0 or self.mix == 0.0
+
+
+def _check_strength(strength: float) -> float:
+    s = float(strength)
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+    return s
+
+
+def _percentile_bounds(table: FixTable, th: Thresholds) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    lo, hi = table.percentile("reference", 0.1), table.percentile("reference", 99.9)
+    if lo is not None and hi is not None:
+        return lo.double(), hi.double(), ()
+    mu, sd = table.reference_mean.double(), table.reference_std.double()
+    note = (f"the table has no reference percentiles p0.1/p99.9; clamping to reference mean ± "
+            f"{th.clamp_sigma:g}·std instead")
+    log.warning(note)
+    return mu - th.clamp_sigma * sd, mu + th.clamp_sigma * sd, (note,)
+
+
+def plan_fix(table: FixTable, mode: str, strength: float = 1.0, thresholds: Thresholds | None = None) -> FixPlan:
+    """Precompute the per-dim fix of ``mode`` for ``table`` (see the module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"fix mode must be one of {', '.join(MODES)}; got {mode!r}")
+    s = _check_strength(strength)
+    th = thresholds or table.meta.thresholds
+    d = table.dim
+    mu_r, sd_r = table.reference_mean.double(), table.reference_std.double()
+    mu_t, sd_t = table.target_mean.double(), table.target_std.double()
+    scale = torch.ones(d, dtype=torch.float64)
+    shift = torch.zeros(d, dtype=torch.float64)
+    lo = hi = None
+    notes: tuple[str, ...] = ()
+    flags = classify_dims(table, th) if mode not in ("none", "full", "affine") else None
+    usable = sd_t > LEGACY_STD_EPS
+
+    if mode in ("rescale", "mask", "clamp"):
+        sel = flags.outlier & usable
+        scale[sel] = sd_r[sel] / sd_t[sel]
+        if mode in ("mask", "clamp"):
+            dead = flags.target_only_dead
+            scale[dead] = 0.0
+            shift[dead] = 0.0
+        if mode == "clamp":
+            hyper = flags.target_only_hyper
+            lo = torch.full((d,), float("-inf"), dtype=torch.float64)
+            hi = torch.full((d,), float("inf"), dtype=torch.float64)
+            lo[hyper] = -th.clamp_sigma * sd_r[hyper]
+            hi[hyper] = th.clamp_sigma * sd_r[hyper]
+    elif mode == "full":
+        scale[usable] = sd_r[usable] / sd_t[usable]
+        shift[usable] = mu_r[usable] - mu_t[usable] * scale[usable]
+    elif mode == "affine":
+        degenerate = (sd_t <= th.eps_rel * sd_r) | (sd_t <= 0)
+        ok = ~degenerate
+        scale[ok] = torch.pow(sd_r[ok] / sd_t[ok], s)
+        mean = mu_t + s * (mu_r - mu_t)
+        shift = mean - mu_t * scale
+    elif mode == "mask_mean":
+        sel = flags.outlier | flags.target_only_dead
+        scale[sel] = 0.0
+        shift[sel] = mu_r[sel]
+    elif mode == "clamp_pct":
+        sel = flags.outlier & (sd_t > th.eps_rel * sd_r) & (sd_t > 0)
+        scale[sel] = sd_r[sel] / sd_t[sel]
+        shift[sel] = mu_r[sel] - mu_t[sel] * scale[sel]
+        lo, hi, notes = _percentile_bounds(table, th)
+
+    mix = 1.0
+    if mode != "affine" and s < 1.0:
+        if lo is None:  # (1-s)·x + s·(a·x + b) is still affine
+            scale = 1.0 + s * (scale - 1.0)
+            shift = s * shift
+        else:
+            mix = s
+    f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
+    return FixPlan(mode=mode, strength=s, scale=f32(scale), shift=f32(shift), lo=f32(lo), hi=f32(hi),
+                   mix=mix, notes=notes)
+
+
+def _check_width(x: torch.Tensor, d: int, what: str) -> None:
+    if x.ndim < 2:
+        raise ValueError(f"expected an embedding of shape [..., T, D], got shape {tuple(x.shape)}")
+    if x.shape[-1] != d:
+        raise ValueError(f"embedding width {x.shape[-1]} does not match the {what} width {d}")
+
+
+def _apply_all_tokens(xf: torch.Tensor, plan: FixPlan) -> torch.Tensor:
+    idx = plan._affine_idx
+    bounded = plan.lo is not None
+    if idx.numel() * 4 > plan.dim:  # dense: one fused pass over every element
+        y = torch.addcmul(plan.shift, xf, plan.scale)
+        if bounded:
+            torch.clamp(y, plan.lo, plan.hi, out=y)
+    else:  # sparse: copy (or clamp untouched dims while copying), then fix the few changed dims
+        y = torch.clamp(xf, plan._lo_id, plan._hi_id) if plan._lo_id is not None else xf.clone()
+        if idx.numel():
+            sub = torch.addcmul(plan.shift[idx], xf.index_select(-1, idx), plan.scale[idx])
+            if bounded:
+                sub = torch.clamp(sub, plan.lo[idx], plan.hi[idx])
+            y.index_copy_(-1, idx, sub)
+    if plan.mix < 1.0:
+        y = torch.lerp(xf, y, plan.mix)
+    return y
+
+
+def apply_plan(x: torch.Tensor, plan: FixPlan, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply ``plan`` to ``x`` [..., T, D]; ``token_mask`` (bool, [T] or x.shape[:-1]) limits the tokens.
+
+    Computes in float32, returns a new tensor of ``x``'s dtype; ``x`` is never modified.
+    """
+    _check_width(x, plan.dim, "fix plan")
+    if plan.is_identity:
+        return x.clone()
+    xf = x.to(torch.float32)
+    y = _apply_all_tokens(xf, plan)
+    if token_mask is not None:
+        m = token_mask.to(device=x.device, dtype=torch.bool)
+        if m.shape[-1] != x.shape[-2]:
+            raise ValueError(f"token mask covers {m.shape[-1]} tokens, the embedding has {x.shape[-2]}")
+        if not bool(m.all()):
+            y = torch.where(m.unsqueeze(-1), y, xf)
+    return y.to(x.dtype) if y.dtype != x.dtype else y
+
+
+def token_mask_for(n_tokens: int, scope: str, labels: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Bool mask of the tokens ``scope`` covers (None for ``"all"``); labels default to the Z-Image layout."""
+    if scope not in SCOPES:
+        raise ValueError(f"token scope must be one of {', '.join(SCOPES)}; got {scope!r}")
+    if scope == "all":
+        return None
+    if labels is None:
+        labels = tokens.classify_positions(n_tokens)
+    if labels.shape[-1] != n_tokens:
+        raise ValueError(f"token labels cover {labels.shape[-1]} tokens, the embedding has {n_tokens}")
+    return tokens.scope_mask(labels, scope)
+
+
+def apply_fix(x: torch.Tensor, table: FixTable, mode: str, *, strength: float = 1.0, scope: str = "all",
+              labels: torch.Tensor | None = None, thresholds: Thresholds | None = None) -> torch.Tensor:
+    """Fix ``x`` [..., T, D] with ``table`` in ``mode`` on the tokens of ``scope``.
+
+    ``scope``: ``"all"``, ``"content"`` (prompt tokens only) or ``"no_sink"``; ``labels`` are
+    :class:`dimfix.tokens.TokenClass` values per token (default: Z-Image template positions).
+    """
+    _check_width(x, table.dim, f"fix table ({table.meta.target_model or 'target'} vs "
+                               f"{table.meta.reference_model or 'reference'})")
+    mask = token_mask_for(x.shape[-2], scope, labels)
+    return apply_plan(x, plan_fix(table, mode, strength, thresholds), mask)

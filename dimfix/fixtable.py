@@ -1,0 +1,354 @@
+"""The fix-table format: one safetensors file per (reference model, target model, layer) table.
+
+A fix table holds per-dimension statistics of a *reference* encoder (what the DiT was trained on,
+e.g. Qwen3-4B at HF ``hidden_states[-2]``) and of a *target* encoder (the substitute), plus
+metadata describing how they were measured. The fixes (``fixes.py``) and blending (``blend.py``)
+only need these vectors. ``fix_tables/README.md`` documents the format for users.
+
+Tensors (all float32, contiguous):
+
+- required, shape ``[D]``: ``reference_mean``, ``reference_std``, ``target_mean``, ``target_std``
+- optional, shape ``[D]``: percentiles ``{reference,target}_p{0_1,1,50,99,99_9}``
+- optional adapter: ``adapter_weight`` ``[D, D]`` and ``adapter_bias`` ``[D]``
+
+Writes are atomic (temp file in the destination directory, fsync, ``os.replace``) and never
+overwrite an existing file unless asked to. Loading validates everything and raises
+:class:`FixTableError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO, Mapping
+
+import numpy as np
+import torch
+
+from .config import Thresholds
+
+FORMAT = "zimage-dimfix.fix-table"
+#: Version written by this module. Readers accept any version with the same major number.
+VERSION = "1"
+SUPPORTED_MAJOR = 1
+
+REQUIRED_TENSORS = ("reference_mean", "reference_std", "target_mean", "target_std")
+SIDES = ("reference", "target")
+#: Percentiles a table may carry, as ``q`` (in percent) -> name suffix.
+PERCENTILES: dict[float, str] = {0.1: "p0_1", 1.0: "p1", 50.0: "p50", 99.0: "p99", 99.9: "p99_9"}
+ADAPTER_TENSORS = ("adapter_weight", "adapter_bias")
+KNOWN_EXTRAS = tuple(f"{s}_{p}" for s in SIDES for p in PERCENTILES.values()) + ADAPTER_TENSORS
+
+#: Metadata keys stored besides ``format`` and ``version``.
+META_KEYS = ("reference_model", "target_model", "layer", "template", "token_scope", "prompt_count",
+             "token_count", "created", "thresholds")
+
+_MAX_HEADER = 100 * 1024 * 1024
+_CHUNK = 1 << 20
+
+
+class FixTableError(ValueError):
+    """A fix table is invalid, unreadable, or cannot be written."""
+
+
+def percentile_name(side: str, q: float) -> str:
+    """Tensor name of percentile ``q`` (percent, e.g. 99.9) of ``side`` ('reference' or 'target')."""
+    if side not in SIDES:
+        raise ValueError(f"side must be 'reference' or 'target', got {side!r}")
+    for known, suffix in PERCENTILES.items():
+        if math.isclose(float(q), known, rel_tol=0, abs_tol=1e-9):
+            return f"{side}_{suffix}"
+    raise ValueError(f"percentile q must be one of {sorted(PERCENTILES)} (percent), got {q!r}")
+
+
+def utc_now_iso() -> str:
+    """Current UTC time as ISO-8601 with a ``Z`` suffix, second precision."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def model_fingerprint(path: str | os.PathLike, name: str | None = None, length: int = 12) -> str:
+    """``"<name>@sha256:<first length hex digits>"`` of a checkpoint file.
+
+    For a folder (a sharded Hugging Face checkpoint) the ``*.index.json`` file is hashed if there is
+    one, else ``config.json``; ``name`` defaults to the file or folder name.
+    """
+    p = Path(path)
+    target = p
+    if p.is_dir():
+        candidates = sorted(p.glob("*.index.json")) or sorted(p.glob("config.json"))
+        if not candidates:
+            raise FileNotFoundError(f"{p}: no *.index.json or config.json to fingerprint")
+        target = candidates[0]
+    digest = hashlib.sha256()
+    with open(target, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return f"{name or p.name}@sha256:{digest.hexdigest()[:length]}"
+
+
+@dataclass
+class FixTableMeta:
+    """Provenance of a fix table. All fields are stored as strings in the safetensors metadata.
+
+    ``layer`` is the HF ``hidden_states`` index (int, e.g. -2) or ``"sweep"``; ``token_scope`` names
+    the token classes the statistics cover (e.g. ``"content"``); ``thresholds`` are the
+    classification thresholds the table was analysed with (fixes use them unless overridden).
+    """
+
+    reference_model: str = ""
+    target_model: str = ""
+    layer: int | str = -2
+    template: str = ""
+    token_scope: str = "content"
+    prompt_count: int = 0
+    token_count: int = 0
+    created: str = field(default_factory=utc_now_iso)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    version: str = VERSION
+
+    def to_strings(self) -> dict[str, str]:
+        return {
+            "reference_model": str(self.reference_model),
+            "target_model": str(self.target_model),
+            "layer": str(self.layer),
+            "template": str(self.template),
+            "token_scope": str(self.token_scope),
+            "prompt_count": str(int(self.prompt_count)),
+            "token_count": str(int(self.token_count)),
+            "created": str(self.created),
+            "thresholds": self.thresholds.to_json(),
+        }
+
+    @classmethod
+    def from_strings(cls, meta: Mapping[str, str], where: str = "fix table") -> "FixTableMeta":
+        def as_int(key: str) -> int:
+            text = meta.get(key, "0")
+            try:
+                return int(text)
+            except ValueError:
+                raise FixTableError(f"{where}: metadata {key!r} must be an integer, got {text!r}") from None
+
+        layer_text = meta.get("layer", "-2")
+        try:
+            layer: int | str = int(layer_text)
+        except ValueError:
+            layer = layer_text
+        try:
+            thresholds = Thresholds.from_json(meta["thresholds"]) if meta.get("thresholds") else Thresholds()
+        except (ValueError, TypeError) as exc:
+            raise FixTableError(f"{where}: metadata 'thresholds' is not valid thresholds JSON ({exc})") from None
+        return cls(reference_model=meta.get("reference_model", ""), target_model=meta.get("target_model", ""),
+                   layer=layer, template=meta.get("template", ""), token_scope=meta.get("token_scope", ""),
+                   prompt_count=as_int("prompt_count"), token_count=as_int("token_count"),
+                   created=meta.get("created", ""), thresholds=thresholds, version=meta.get("version", VERSION))
+
+
+def _as_float32(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise FixTableError(f"fix table tensor {name!r} must be a torch.Tensor or numpy array, got {type(value).__name__}")
+    return value.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+@dataclass
+class FixTable:
+    """Per-dimension reference and target statistics plus optional extras (see module docstring).
+
+    Tensors given as other float dtypes or numpy arrays are converted to contiguous float32 CPU
+    tensors. Call :meth:`validate` (``save_fix_table`` does) to check shapes and values.
+    """
+
+    reference_mean: torch.Tensor
+    reference_std: torch.Tensor
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: FixTableMeta = field(default_factory=FixTableMeta)
+
+    def __post_init__(self) -> None:
+        for name in REQUIRED_TENSORS:
+            setattr(self, name, _as_float32(name, getattr(self, name)))
+        self.extras = {str(k): _as_float32(str(k), v) for k, v in dict(self.extras).items()}
+
+    @property
+    def dim(self) -> int:
+        return int(self.reference_mean.shape[-1]) if self.reference_mean.ndim else 0
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.meta.thresholds
+
+    def percentile(self, side: str, q: float) -> torch.Tensor | None:
+        """Percentile ``q`` (percent) of ``side`` as float32 [D], or None when the table lacks it."""
+        return self.extras.get(percentile_name(side, q))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All tensors by their file names."""
+        out = {name: getattr(self, name) for name in REQUIRED_TENSORS}
+        out.update(self.extras)
+        return out
+
+    def validate(self, where: str = "fix table") -> "FixTable":
+        """Raise :class:`FixTableError` unless shapes, dtypes and values are consistent."""
+        _validate_tensors(self.tensors(), where)
+        for key in ("reference_model", "target_model", "template", "token_scope", "created"):
+            if not isinstance(getattr(self.meta, key), str):
+                raise FixTableError(f"{where}: metadata {key!r} must be a string")
+        if not isinstance(self.meta.layer, (int, str)) or isinstance(self.meta.layer, bool):
+            raise FixTableError(f"{where}: metadata 'layer' must be an int HF index or 'sweep', got {self.meta.layer!r}")
+        if isinstance(self.meta.layer, str) and self.meta.layer != "sweep":
+            raise FixTableError(f"{where}: metadata 'layer' must be an int HF index or 'sweep', got {self.meta.layer!r}")
+        if not isinstance(self.meta.thresholds, Thresholds):
+            raise FixTableError(f"{where}: metadata 'thresholds' must be a dimfix.config.Thresholds")
+        return self
+
+
+def _validate_tensors(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    missing = [n for n in REQUIRED_TENSORS if n not in tensors]
+    if missing:
+        raise FixTableError(f"{where}: required tensor(s) missing: {', '.join(missing)}")
+    for name, t in tensors.items():
+        if t.dtype != torch.float32:
+            raise FixTableError(f"{where}: tensor {name!r} has dtype {t.dtype}, expected torch.float32")
+    dim = tensors["reference_mean"].shape
+    if len(dim) != 1 or dim[0] == 0:
+        raise FixTableError(f"{where}: tensor 'reference_mean' has shape {tuple(dim)}, expected [D] with D > 0")
+    d = int(dim[0])
+    for name, t in tensors.items():
+        expected = (d, d) if name == "adapter_weight" else (d,)
+        if name not in REQUIRED_TENSORS and name not in KNOWN_EXTRAS:
+            continue  # unknown extras: kept as they are, dtype and values checked below
+        if tuple(t.shape) != expected:
+            raise FixTableError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {list(expected)} "
+                                f"(D = {d} from 'reference_mean')")
+    for name, t in tensors.items():
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int(torch.isinf(t).sum())
+        if n_nan or n_inf:
+            raise FixTableError(f"{where}: tensor {name!r} has {n_nan} NaN and {n_inf} Inf value(s)")
+    for name in ("reference_std", "target_std"):
+        n_neg = int((tensors[name] < 0).sum())
+        if n_neg:
+            raise FixTableError(f"{where}: tensor {name!r} has {n_neg} negative standard deviation(s)")
+    if ("adapter_weight" in tensors) != ("adapter_bias" in tensors):
+        raise FixTableError(f"{where}: 'adapter_weight' and 'adapter_bias' must be stored together")
+
+
+def _write_bytes(fh: BinaryIO, data: bytes) -> None:
+    """Write ``data`` in chunks (a separate function so tests can simulate a failure midway)."""
+    view = memoryview(data)
+    for start in range(0, len(view), _CHUNK):
+        fh.write(view[start:start + _CHUNK])
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_fix_table(table: FixTable, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Validate ``table`` and write it atomically to ``path`` (a ``.safetensors`` file).
+
+    Refuses to replace an existing file unless ``overwrite=True``. On any failure the destination is
+    left as it was and no temporary file remains. Returns the path written.
+    """
+    from safetensors.torch import save as st_save
+
+    dest = Path(path)
+    table.validate(where=f"fix table for {dest}")
+    if dest.exists() and not overwrite:
+        raise FixTableError(f"{dest} already exists; pass overwrite=True (or choose another file name) to replace it")
+    if not dest.parent.is_dir():
+        raise FixTableError(f"cannot write {dest}: directory {dest.parent} does not exist")
+    metadata = {"format": FORMAT, "version": VERSION, **table.meta.to_strings()}
+    data = st_save({k: v.contiguous() for k, v in table.tensors().items()}, metadata=metadata)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            _write_bytes(fh, data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def _read_header(data: bytes, where: str) -> dict[str, Any]:
+    if len(data) < 8:
+        raise FixTableError(f"{where}: not a safetensors file (only {len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n == 0 or n > _MAX_HEADER or 8 + n > len(data):
+        raise FixTableError(f"{where}: not a safetensors file or truncated (header length {n}, file size {len(data)})")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FixTableError(f"{where}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise FixTableError(f"{where}: not a safetensors file (header is not a JSON object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise FixTableError(f"{where}: corrupt safetensors header entry for {name!r}") from None
+    if 8 + n + end > len(data):
+        raise FixTableError(f"{where}: file is truncated ({len(data)} bytes, header needs {8 + n + end})")
+    return header
+
+
+def load_fix_table(path: str | os.PathLike) -> FixTable:
+    """Read and validate a fix table; raises :class:`FixTableError` naming the file and the problem."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    src = Path(path)
+    where = f"fix table {src}"
+    try:
+        data = src.read_bytes()
+    except OSError as exc:
+        raise FixTableError(f"{where}: cannot read file ({exc.strerror or exc})") from None
+    header = _read_header(data, where)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FixTableError(f"{where}: safetensors metadata must map strings to strings")
+    fmt = meta.get("format")
+    if fmt != FORMAT:
+        raise FixTableError(f"{where}: unknown format {fmt!r}, expected {FORMAT!r} (is this a fix table?)")
+    version = meta.get("version", "")
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        raise FixTableError(f"{where}: invalid version {version!r}") from None
+    if major > SUPPORTED_MAJOR:
+        raise FixTableError(f"{where}: format version {version} is newer than this pack supports "
+                            f"(major {SUPPORTED_MAJOR}); update Z-Image DimFix to read it")
+    if major < 1:
+        raise FixTableError(f"{where}: invalid version {version!r}")
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
+        raise FixTableError(f"{where}: corrupt safetensors data ({exc})") from None
+    _validate_tensors(tensors, where)
+    table = FixTable(**{n: tensors[n] for n in REQUIRED_TENSORS},
+                     extras={k: v for k, v in tensors.items() if k not in REQUIRED_TENSORS},
+                     meta=FixTableMeta.from_strings(meta, where))
+    return table.validate(where)
