@@ -1,0 +1,101 @@
+"""CONDITIONING helpers: validation messages and pure mapping."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from dimfix import conditioning as C
+
+
+def cond(t=5, d=2560, batch=1, mask=True):
+    meta = {"pooled_output": None}
+    if mask:
+        meta["attention_mask"] = torch.ones(batch, t, dtype=torch.int64)
+    return [[torch.randn(batch, t, d, generator=torch.Generator().manual_seed(t)), meta]]
+
+
+def test_ones_mask():
+    m = C.ones_mask(2, 3)
+    assert m.dtype == torch.int64 and m.shape == (2, 3) and bool(torch.all(m == 1))
+
+
+def test_map_tensors_returns_new_structures_and_keeps_input():
+    src = cond(5) + [[torch.randn(1, 4, 2560), {"pooled_output": torch.ones(1, 7), "extra": "x"}]]
+    snapshot = [[t.clone(), dict(m)] for t, m in src]
+    ids = [id(src), id(src[0]), id(src[0][1]), id(src[1][1])]
+    out = C.map_tensors(src, lambda t, meta: t[:, :3] * 2)
+    assert out is not src and out[0] is not src[0] and out[0][1] is not src[0][1]
+    assert [id(src), id(src[0]), id(src[0][1]), id(src[1][1])] == ids
+    for (t, m), (t0, m0) in zip(src, snapshot):
+        assert torch.equal(t, t0) and set(m) == set(m0)
+    assert src[0][1]["attention_mask"].shape == (1, 5)
+    assert "attention_mask" not in src[1][1]
+    for (t, m), (t0, _) in zip(out, src):
+        assert torch.equal(t, t0[:, :3] * 2)
+        assert m["attention_mask"].dtype == torch.int64 and m["attention_mask"].shape == (1, 3)
+        assert bool(torch.all(m["attention_mask"] == 1))
+    assert out[1][1]["pooled_output"] is src[1][1]["pooled_output"] and out[1][1]["extra"] == "x"
+    assert "pooled_output" in out[0][1] and out[0][1]["pooled_output"] is None
+
+
+def test_map_tensors_mask_policy_for_other_widths():
+    out = C.map_tensors(cond(4, d=16, mask=False), lambda t, m: t)
+    assert "attention_mask" not in out[0][1]
+    out = C.map_tensors(cond(4, d=16, mask=True), lambda t, m: t[:, :2])
+    assert out[0][1]["attention_mask"].shape == (1, 2)
+    with pytest.raises(ValueError, match=r"must return a \(batch, tokens, width\) tensor"):
+        C.map_tensors(cond(4, d=16), lambda t, m: t[0])
+
+
+def test_validate_accepts_stock_conditioning():
+    C.validate(cond(13), width=2560)
+
+
+@pytest.mark.parametrize("value,match", [
+    ("text", "input 'positive' expects a CONDITIONING .* got str"),
+    ([], "input 'positive' is an empty CONDITIONING"),
+    ([torch.zeros(1, 2, 3)], r"entry 0: expected a \[tensor, dict\] pair"),
+    ([[torch.zeros(1, 2, 3), None]], "expected a dict second"),
+    ([["t", {}]], "expected a tensor first"),
+    ([[torch.zeros(1, 3, 2, 8), {}]], "'all layers' output; select one layer"),
+    ([[torch.zeros(2, 8), {}]], r"shape \(batch, tokens, width\)"),
+    ([[torch.zeros(1, 0, 8), {}]], "no tokens"),
+    ([[torch.zeros(1, 2, 8, dtype=torch.int64), {}]], "not floating point"),
+])
+def test_validate_rejects_bad_structures(value, match):
+    with pytest.raises(ValueError, match=match):
+        C.validate(value, socket="positive")
+
+
+def test_validate_rejects_nan_inf_with_counts():
+    t = torch.zeros(1, 3, 8)
+    t[0, 0, :2] = float("nan")
+    t[0, 2, 5] = float("-inf")
+    with pytest.raises(ValueError, match="2 NaN and 1 Inf value"):
+        C.validate([[t, {}]])
+
+
+def test_validate_rejects_mask_zeros_and_explains():
+    c = cond(6)
+    c[0][1]["attention_mask"][0, 4:] = 0
+    with pytest.raises(ValueError, match="attention_mask has 2 zero.*trimmed"):
+        C.validate(c)
+
+
+def test_validate_width_mismatch():
+    with pytest.raises(ValueError, match="width 4096 does not match the expected width 2560"):
+        C.validate(cond(3, d=4096), socket="conditioning", width=2560)
+
+
+def test_validate_warns_on_fp16(caplog):
+    c = cond(3, d=8)
+    c[0][0] = c[0][0].half()
+    with caplog.at_level(logging.WARNING):
+        C.validate(c)
+    assert "fp16" in caplog.text and "overflow" in caplog.text
+    c[0][0][0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="use bf16 or fp32"):
+        C.validate(c)
