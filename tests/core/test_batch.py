@@ -1,0 +1,418 @@
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from dimfix import batch
+from dimfix.batch import ComfyClient
+
+GRAPH = {
+    "3": {"class_type": "KSampler", "inputs": {"seed": 0, "steps": 2, "model": ["4", 0]}, "_meta": {"title": "KSampler"}},
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}},
+    "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "old", "clip": ["4", 1]}, "_meta": {"title": "Prompt"}},
+    "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "old2", "clip": ["4", 1]}, "_meta": {"title": "Prompt"}},
+    "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}, "_meta": {"title": "Negative"}},
+    "9": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}},
+    "12": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+}
+
+
+class Stub:
+    """In-memory imitation of the few ComfyUI routes the batch runner uses."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.queued = []  # (prompt_id, body)
+        self.history = {}
+        self.files = {}
+        self.polls = {}
+        self.polls_before_done = 1
+        self.posts = []  # (path, body) for /interrupt, /queue
+        self.prompt_reply = None  # callable(body) -> (status, obj) to override /prompt
+        self.outcome = "success"  # or "error" / "never" / "cached"
+        self.images_per_save = 2
+
+    def on_prompt(self, body):
+        if self.prompt_reply is not None:
+            return self.prompt_reply(body)
+        with self.lock:
+            pid = f"p{len(self.queued)}"
+            self.queued.append((pid, body))
+            graph = body["prompt"]
+            texts = [n["inputs"].get("text") for n in graph.values() if n["class_type"] == "CLIPTextEncode"]
+            seed = graph["3"]["inputs"]["seed"]
+            outputs, cached = {}, []
+            k = len(self.files)
+            for nid, node in graph.items():
+                if node["class_type"] in ("SaveImage", "PreviewImage"):
+                    kind = "output" if node["class_type"] == "SaveImage" else "temp"
+                    imgs = []
+                    for j in range(self.images_per_save if kind == "output" else 1):
+                        fname = f"ComfyUI_{k:05d}_.png"
+                        k += 1
+                        self.files[(fname, "sub" if kind == "output" else "", kind)] = (
+                            f"IMG|{texts[0]}|{seed}|{nid}|{j}".encode())
+                        imgs.append({"filename": fname, "subfolder": "sub" if kind == "output" else "", "type": kind})
+                    outputs[nid] = {"images": imgs}
+                    cached.append(nid)
+            status = {"status_str": "success", "completed": True,
+                      "messages": [["execution_start", {"prompt_id": pid}],
+                                   ["execution_cached", {"nodes": cached if self.outcome == "cached" else [],
+                                                         "prompt_id": pid}]]}
+            if self.outcome == "error":
+                status = {"status_str": "error", "completed": False, "messages": [
+                    ["execution_error", {"node_id": "3", "node_type": "KSampler", "exception_type": "RuntimeError",
+                                         "exception_message": "CUDA out of memory\n"}]]}
+                outputs = {}
+            self.history[pid] = {"prompt": [0, pid], "outputs": outputs, "status": status}
+            return 200, {"prompt_id": pid, "number": len(self.queued), "node_errors": {}}
+
+    def get_history(self, pid):
+        with self.lock:
+            self.polls[pid] = self.polls.get(pid, 0) + 1
+            if self.outcome == "never" or pid not in self.history or self.polls[pid] <= self.polls_before_done:
+                return {}
+            return {pid: self.history[pid]}
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status, obj=None, raw=None):
+        data = raw if raw is not None else json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        stub = self.server.stub
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        if self.path == "/prompt":
+            status, obj = stub.on_prompt(body)
+            self._send(status, obj)
+        else:
+            stub.posts.append((self.path, body))
+            self._send(200, raw=b"")
+
+    def do_GET(self):
+        stub = self.server.stub
+        url = urlparse(self.path)
+        if url.path.startswith("/history/"):
+            self._send(200, stub.get_history(url.path.split("/", 2)[2]))
+        elif url.path == "/view":
+            q = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+            key = (q.get("filename"), q.get("subfolder", ""), q.get("type", "output"))
+            if key in stub.files:
+                self._send(200, raw=stub.files[key])
+            else:
+                self._send(404, raw=b"not found")
+        else:
+            self._send(404, raw=b"")
+
+
+@pytest.fixture
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.stub = Stub()
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    try:
+        yield httpd.stub, f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+def _client(url):
+    return ComfyClient(url, timeout=5)
+
+
+# ------------------------------------------------------------------------------------ client
+
+
+def test_queue_history_view_round_trip(server):
+    stub, url = server
+    c = _client(url)
+    g = batch.set_input(GRAPH, "6", "text", "a cat")
+    pid = c.queue(g, client_id="abc")
+    assert stub.queued[0][1]["client_id"] == "abc"
+    assert c.history(pid) is None  # not done on the first poll
+    entry = c.wait(pid, timeout=5, poll_interval=0.001)
+    refs = c.outputs_images(entry)
+    assert [(r["node_id"], r["type"]) for r in refs] == [("9", "output"), ("9", "output"), ("12", "temp")]
+    assert set(refs[0]) >= {"filename", "subfolder", "type"}
+    assert c.download(refs[1]) == b"IMG|a cat|0|9|1"
+    assert c.download(refs[2]) == b"IMG|a cat|0|12|0"
+
+
+def test_outputs_images_orders_numeric_ids():
+    entry = {"outputs": {"10": {"images": [{"filename": "b.png"}]}, "9": {"images": [{"filename": "a.png"}]},
+                         "5": {"text": ["no images"]}}}
+    assert [r["filename"] for r in ComfyClient.outputs_images(entry)] == ["a.png", "b.png"]
+    assert ComfyClient.outputs_images({}) == []
+
+
+def test_node_errors_on_200_raise(server):
+    stub, url = server
+    stub.prompt_reply = lambda body: (200, {"prompt_id": "x", "number": 1, "node_errors": {
+        "12": {"errors": [{"type": "required_input_missing", "message": "Required input is missing",
+                           "details": "images", "extra_info": {}}], "dependent_outputs": ["12"],
+               "class_type": "PreviewImage"}}})
+    with pytest.raises(batch.ComfyPromptError, match=r"node 12 \(PreviewImage\): Required input is missing: images") as ei:
+        _client(url).queue(GRAPH)
+    assert "12" in ei.value.node_errors
+
+
+def test_http_400_raises_with_server_message(server):
+    stub, url = server
+    stub.prompt_reply = lambda body: (400, {"error": {"type": "invalid_prompt", "message": "Cannot execute because a node is missing the class_type property.", "details": "Node ID '#1'", "extra_info": {}}, "node_errors": {}})
+    with pytest.raises(batch.ComfyPromptError, match="HTTP 400.*missing the class_type property.*Node ID '#1'"):
+        _client(url).queue(GRAPH)
+
+
+def test_execution_error_status_raises(server):
+    stub, url = server
+    stub.outcome = "error"
+    c = _client(url)
+    pid = c.queue(GRAPH)
+    with pytest.raises(batch.ComfyExecutionError, match=r"node 3 \(KSampler\): RuntimeError: CUDA out of memory"):
+        c.wait(pid, timeout=5, poll_interval=0.001)
+
+
+def test_wait_timeout(server):
+    stub, url = server
+    stub.outcome = "never"
+    c = _client(url)
+    pid = c.queue(GRAPH)
+    with pytest.raises(batch.ComfyTimeout, match=f"prompt {pid} did not finish"):
+        c.wait(pid, timeout=0.05, poll_interval=0.005)
+    assert stub.polls[pid] >= 2
+
+
+def test_unreachable_server():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(batch.ComfyConnectionError, match=f"cannot reach ComfyUI at http://127.0.0.1:{port}"):
+        ComfyClient(f"127.0.0.1:{port}", timeout=2).queue(GRAPH)
+
+
+# ------------------------------------------------------------------------------------ graph
+
+
+def test_set_input_by_id_title_class_and_no_mutation():
+    before = json.dumps(GRAPH, sort_keys=True)
+    g = batch.set_input(GRAPH, 3, "seed", 42)
+    assert g["3"]["inputs"]["seed"] == 42 and GRAPH["3"]["inputs"]["seed"] == 0
+    g = batch.set_input(GRAPH, "Negative", "text", "blurry")
+    assert g["8"]["inputs"]["text"] == "blurry"
+    g = batch.set_input(GRAPH, "SaveImage", "filename_prefix", "run")
+    assert g["9"]["inputs"]["filename_prefix"] == "run"
+    g = batch.set_input(GRAPH, "Prompt", "text", "a dog", multiple=True)
+    assert g["6"]["inputs"]["text"] == g["7"]["inputs"]["text"] == "a dog"
+    assert g["8"]["inputs"]["text"] == ""
+    assert json.dumps(GRAPH, sort_keys=True) == before
+
+
+def test_set_input_errors():
+    with pytest.raises(batch.WorkflowError, match=r"ambiguous.*6: CLIPTextEncode 'Prompt'.*7: CLIPTextEncode 'Prompt'"):
+        batch.set_input(GRAPH, "Prompt", "text", "x")
+    with pytest.raises(batch.WorkflowError, match=r"no node matches 'Positive'.*6: CLIPTextEncode 'Prompt'"):
+        batch.set_input(GRAPH, "Positive", "text", "x")
+    with pytest.raises(batch.WorkflowError, match=r"node 3 \(KSampler\) has no input 'noise_seed'; inputs: model, seed, steps"):
+        batch.set_input(GRAPH, "3", "noise_seed", 1)
+    with pytest.raises(batch.WorkflowError, match="connected to node 4"):
+        batch.set_input(GRAPH, "KSampler", "model", 1)
+
+
+def test_load_api_workflow_and_ui_rejection(tmp_path):
+    api = tmp_path / "api.json"
+    api.write_text(json.dumps(GRAPH))
+    assert batch.load_api_workflow(api) == GRAPH
+    wrapped = tmp_path / "body.json"
+    wrapped.write_text(json.dumps({"prompt": GRAPH, "client_id": "x"}))
+    assert batch.load_api_workflow(wrapped) == GRAPH
+    ui = tmp_path / "ui.json"
+    ui.write_text(json.dumps({"last_node_id": 9, "nodes": [{"id": 1, "type": "KSampler"}], "links": [], "version": 0.4}))
+    with pytest.raises(batch.WorkflowError, match=r"ui.json: this is a UI workflow; export with 'Save \(API\)'"):
+        batch.load_api_workflow(ui)
+    odd = tmp_path / "odd.json"
+    odd.write_text(json.dumps({"1": {"inputs": {}}}))
+    with pytest.raises(batch.WorkflowError, match="Save \\(API\\).*without class_type: 1"):
+        batch.load_api_workflow(odd)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(batch.WorkflowError, match="not valid JSON"):
+        batch.load_api_workflow(bad)
+    with pytest.raises(batch.WorkflowError, match="not found"):
+        batch.load_api_workflow(tmp_path / "missing.json")
+
+
+def test_slugify():
+    assert batch.slugify("A cat, asleep!") == "a-cat-asleep"
+    assert batch.slugify("Pão de queijo") == "pao-de-queijo"
+    assert batch.slugify("日本") == "prompt"
+    assert len(batch.slugify("word " * 30)) <= 40
+
+
+# ------------------------------------------------------------------------------------ batch
+
+
+def _lines(out):
+    return [json.loads(l) for l in (out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_run_batch_downloads_and_logs(server, tmp_path):
+    stub, url = server
+    out = tmp_path / "out"
+    res = batch.run_batch(_client(url), GRAPH, ["A cat", "Pão de queijo"], "Prompt", seed_selector="KSampler",
+                          seed=42, out_dir=out, poll_interval=0.001)
+    assert [r.status for r in res] == ["ok", "ok"]
+    assert res[0].files == ["000_a-cat_9_0.png", "000_a-cat_9_1.png", "000_a-cat_12_0.png"]
+    assert res[1].files[0] == "001_pao-de-queijo_9_0.png"
+    assert (out / "001_pao-de-queijo_12_0.png").read_bytes() == "IMG|Pão de queijo|43|12|0".encode()
+    # both Prompt nodes were set, the negative untouched; seeds increment
+    sent = stub.queued[1][1]["prompt"]
+    assert sent["6"]["inputs"]["text"] == sent["7"]["inputs"]["text"] == "Pão de queijo"
+    assert sent["8"]["inputs"]["text"] == ""
+    assert [q[1]["prompt"]["3"]["inputs"]["seed"] for q in stub.queued] == [42, 43]
+    assert len({q[1]["client_id"] for q in stub.queued}) == 1
+    lines = _lines(out)
+    assert [l["prompt"] for l in lines] == ["A cat", "Pão de queijo"]
+    assert lines[0]["prompt_id"] == "p0" and lines[0]["status"] == "ok" and lines[0]["seed"] == 42
+    assert lines[0]["files"] == res[0].files and lines[0]["seconds"] >= 0 and lines[0]["cached"] is False
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_run_batch_fixed_seed_and_workflow_seed(server, tmp_path):
+    stub, url = server
+    batch.run_batch(_client(url), GRAPH, ["a", "b"], "6", seed_selector="3", seed=7, seed_mode="fixed",
+                    out_dir=tmp_path / "f", poll_interval=0.001)
+    batch.run_batch(_client(url), GRAPH, ["c"], "6", out_dir=tmp_path / "g", poll_interval=0.001)
+    assert [q[1]["prompt"]["3"]["inputs"]["seed"] for q in stub.queued] == [7, 7, 0]
+
+
+def test_run_batch_never_overwrites(server, tmp_path):
+    stub, url = server
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "000_a-cat_9_0.png").write_bytes(b"mine")
+    res = batch.run_batch(_client(url), GRAPH, ["A cat", "A dog"], "6", out_dir=out, poll_interval=0.001)
+    assert [r.status for r in res] == ["skipped", "ok"]
+    assert (out / "000_a-cat_9_0.png").read_bytes() == b"mine"
+    assert len(stub.queued) == 1  # the skipped prompt was not queued
+    res = batch.run_batch(_client(url), GRAPH, ["A cat"], "6", out_dir=out, overwrite=True, poll_interval=0.001)
+    assert res[0].status == "ok"
+    assert (out / "000_a-cat_9_0.png").read_bytes().startswith(b"IMG|A cat")
+    assert [l["status"] for l in _lines(out)] == ["skipped", "ok", "ok"]
+
+
+def test_run_batch_records_execution_errors_and_timeouts(server, tmp_path):
+    stub, url = server
+    stub.outcome = "error"
+    res = batch.run_batch(_client(url), GRAPH, ["a", "b"], "6", out_dir=tmp_path / "e", poll_interval=0.001)
+    assert [r.status for r in res] == ["error", "error"]
+    assert "CUDA out of memory" in res[0].error
+    res = batch.run_batch(_client(url), GRAPH, ["a", "b"], "6", out_dir=tmp_path / "s", poll_interval=0.001,
+                          stop_on_error=True)
+    assert len(res) == 1
+    stub.outcome = "never"
+    res = batch.run_batch(_client(url), GRAPH, ["a"], "6", out_dir=tmp_path / "t", timeout=0.03,
+                          poll_interval=0.005)
+    assert res[0].status == "timeout" and _lines(tmp_path / "t")[0]["status"] == "timeout"
+
+
+def test_run_batch_rejected_graph_raises_before_more_prompts(server, tmp_path):
+    stub, url = server
+    stub.prompt_reply = lambda body: (400, {"error": {"message": "Prompt outputs failed validation"},
+                                            "node_errors": {}})
+    with pytest.raises(batch.ComfyPromptError, match="failed validation"):
+        batch.run_batch(_client(url), GRAPH, ["a", "b"], "6", out_dir=tmp_path / "r", poll_interval=0.001)
+
+
+def test_run_batch_cached_flag(server, tmp_path):
+    stub, url = server
+    stub.outcome = "cached"
+    res = batch.run_batch(_client(url), GRAPH, ["a"], "6", out_dir=tmp_path / "c", poll_interval=0.001)
+    assert res[0].status == "ok" and res[0].cached is True
+
+
+def test_run_batch_selector_errors_before_queueing(server, tmp_path):
+    stub, url = server
+    with pytest.raises(batch.WorkflowError, match="no node matches 'Positive'"):
+        batch.run_batch(_client(url), GRAPH, ["a"], "Positive", out_dir=tmp_path / "x")
+    with pytest.raises(batch.WorkflowError, match="has no input 'seed'"):
+        batch.run_batch(_client(url), GRAPH, ["a"], "6", seed_selector="SaveImage", seed=1, out_dir=tmp_path / "x")
+    assert stub.queued == []
+
+
+def test_ctrl_c_interrupts_server_and_stops(server, tmp_path, monkeypatch):
+    stub, url = server
+    c = _client(url)
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(c, "wait", boom)
+    with pytest.raises(KeyboardInterrupt):
+        batch.run_batch(c, GRAPH, ["a", "b"], "6", out_dir=tmp_path / "i", poll_interval=0.001)
+    assert ("/queue", {"delete": ["p0"]}) in stub.posts
+    assert any(path == "/interrupt" for path, _ in stub.posts)
+    assert len(stub.queued) == 1
+    assert [l["status"] for l in _lines(tmp_path / "i")] == ["interrupted"]
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_end_to_end(server, tmp_path, capsys):
+    stub, url = server
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(GRAPH))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("# test\nA red apple\n\nA blue car\nA red apple\nA green tree\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["--server", url, "--workflow", str(wf), "--prompts", str(prompts), "--prompt-node", "Prompt",
+            "--seed-node", "KSampler", "--seed", "5", "--out", str(out), "--limit", "2", "--poll", "0.001"]
+    assert batch.main(args) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["000_a-red-apple_12_0.png", "000_a-red-apple_9_0.png", "000_a-red-apple_9_1.png",
+                     "001_a-blue-car_12_0.png", "001_a-blue-car_9_0.png", "001_a-blue-car_9_1.png", "results.jsonl"]
+    err = capsys.readouterr().err
+    assert "duplicate" in err and "2/2 prompts done" in err
+    # second run: everything skipped, still success
+    assert batch.main(args + ["--quiet"]) == 0
+    assert [l["status"] for l in _lines(out)] == ["ok", "ok", "skipped", "skipped"]
+
+
+def test_cli_default_corpus_and_errors(server, tmp_path, capsys):
+    stub, url = server
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(GRAPH))
+    out = tmp_path / "o"
+    assert batch.main(["--server", url, "--workflow", str(wf), "--prompt-node", "6", "--out", str(out),
+                       "--limit", "1", "--poll", "0.001", "--quiet"]) == 0
+    assert json.loads((out / "results.jsonl").read_text())["prompt"] == "A cat sleeping in sunlight"
+    ui = tmp_path / "ui.json"
+    ui.write_text(json.dumps({"nodes": [], "links": []}))
+    assert batch.main(["--server", url, "--workflow", str(ui), "--prompt-node", "6", "--out", str(out)]) == 2
+    assert "Save (API)" in capsys.readouterr().err
+    assert batch.main(["--server", url, "--workflow", str(wf), "--prompt-node", "Nope", "--out", str(out)]) == 2
+    assert batch.main(["--server", url, "--workflow", str(wf), "--prompt-node", "6", "--seed", "3",
+                       "--out", str(out)]) == 2
+    stub.outcome = "error"
+    assert batch.main(["--server", url, "--workflow", str(wf), "--prompt-node", "6", "--out", str(tmp_path / "e"),
+                       "--limit", "1", "--poll", "0.001", "--quiet"]) == 1
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    assert batch.main(["--server", f"http://127.0.0.1:{port}", "--workflow", str(wf), "--prompt-node", "6",
+                       "--out", str(tmp_path / "u"), "--limit", "1", "--quiet"]) == 3
