@@ -38,7 +38,10 @@ result (1). Outlier/dead/hyperactive classes use the table's thresholds unless o
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -128,24 +131,26 @@ class FixPlan:
     notes: tuple[str, ...] = ()
     dims: torch.Tensor = field(init=False)
     _affine_idx: torch.Tensor = field(init=False, repr=False)
+    _bounded_idx: torch.Tensor = field(init=False, repr=False)
     _lo_id: torch.Tensor | None = field(init=False, repr=False)
     _hi_id: torch.Tensor | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if (self.lo is None) != (self.hi is None):
+            raise ValueError("a fix plan needs both bounds lo and hi, or neither")
         affine = (self.scale != 1) | (self.shift != 0)
-        changed = affine.clone()
+        bounded = torch.zeros_like(affine)
         lo_id = hi_id = None
-        if self.lo is not None and self.hi is not None:
+        if self.lo is not None:
             bounded = torch.isfinite(self.lo) | torch.isfinite(self.hi)
-            changed |= bounded
-            inf = torch.full_like(self.lo, float("inf"))
-            # Bounds on untouched dims can be applied to x directly (exact: y = x there).
-            lo_id = torch.where(affine, -inf, self.lo)
-            hi_id = torch.where(affine, inf, self.hi)
-            if not bool((bounded & ~affine).any()):
-                lo_id = hi_id = None
-        object.__setattr__(self, "dims", torch.nonzero(changed).flatten())
+            if bool((bounded & ~affine).any()):
+                # Bounds on untouched dims can be applied to x directly (exact: y = x there).
+                inf = torch.full_like(self.lo, float("inf"))
+                lo_id = torch.where(affine, -inf, self.lo)
+                hi_id = torch.where(affine, inf, self.hi)
+        object.__setattr__(self, "dims", torch.nonzero(affine | bounded).flatten())
         object.__setattr__(self, "_affine_idx", torch.nonzero(affine).flatten())
+        object.__setattr__(self, "_bounded_idx", torch.nonzero(bounded).flatten())
         object.__setattr__(self, "_lo_id", lo_id)
         object.__setattr__(self, "_hi_id", hi_id)
 
@@ -243,20 +248,41 @@ def _check_width(x: torch.Tensor, d: int, what: str) -> None:
         raise ValueError(f"embedding width {x.shape[-1]} does not match the {what} width {d}")
 
 
+def _sparse_update(y: torch.Tensor, src: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor | None,
+                   shift: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None) -> None:
+    """``y[..., idx] = clamp(src[..., idx]·scale + shift, lo, hi)`` for a few dims (in place on new ``y``)."""
+    sub = src.index_select(-1, idx)
+    if scale is not None:
+        sub = torch.addcmul(shift[idx], sub, scale[idx])
+    if lo is not None:
+        sub = torch.clamp(sub, lo[idx], hi[idx])
+    y.index_copy_(-1, idx, sub)
+
+
 def _apply_all_tokens(xf: torch.Tensor, plan: FixPlan) -> torch.Tensor:
-    idx = plan._affine_idx
-    bounded = plan.lo is not None
-    if idx.numel() * 4 > plan.dim:  # dense: one fused pass over every element
-        y = torch.addcmul(plan.shift, xf, plan.scale)
-        if bounded:
-            torch.clamp(y, plan.lo, plan.hi, out=y)
-    else:  # sparse: copy (or clamp untouched dims while copying), then fix the few changed dims
-        y = torch.clamp(xf, plan._lo_id, plan._hi_id) if plan._lo_id is not None else xf.clone()
-        if idx.numel():
-            sub = torch.addcmul(plan.shift[idx], xf.index_select(-1, idx), plan.scale[idx])
-            if bounded:
-                sub = torch.clamp(sub, plan.lo[idx], plan.hi[idx])
-            y.index_copy_(-1, idx, sub)
+    """The plan on every token of ``xf`` (float32); returns a new tensor, ``xf`` untouched.
+
+    Few changed dims are gathered, fixed and scattered; many are done in one fused pass. Bounds on
+    untouched dims are applied while copying (``clamp`` of ``x`` is exact there since ``y = x``).
+    """
+    aff, bnd = plan._affine_idx, plan._bounded_idx
+    few = lambda idx: idx.numel() * 8 <= plan.dim  # noqa: E731
+    if plan._lo_id is not None and few(aff) and not few(bnd):
+        y = torch.clamp(xf, plan._lo_id, plan._hi_id)
+        if aff.numel():
+            _sparse_update(y, xf, aff, plan.scale, plan.shift, plan.lo, plan.hi)
+    else:
+        if few(aff):
+            y = xf.clone()
+            if aff.numel():
+                _sparse_update(y, xf, aff, plan.scale, plan.shift, None, None)
+        else:
+            y = torch.addcmul(plan.shift, xf, plan.scale)
+        if bnd.numel():
+            if few(bnd):
+                _sparse_update(y, y, bnd, None, None, plan.lo, plan.hi)
+            else:
+                torch.clamp(y, plan.lo, plan.hi, out=y)
     if plan.mix < 1.0:
         y = torch.lerp(xf, y, plan.mix)
     return y
@@ -271,14 +297,31 @@ def apply_plan(x: torch.Tensor, plan: FixPlan, token_mask: torch.Tensor | None =
     if plan.is_identity:
         return x.clone()
     xf = x.to(torch.float32)
-    y = _apply_all_tokens(xf, plan)
-    if token_mask is not None:
+    if token_mask is None:
+        y = _apply_all_tokens(xf, plan)
+    else:
         m = token_mask.to(device=x.device, dtype=torch.bool)
         if m.shape[-1] != x.shape[-2]:
             raise ValueError(f"token mask covers {m.shape[-1]} tokens, the embedding has {x.shape[-2]}")
-        if not bool(m.all()):
-            y = torch.where(m.unsqueeze(-1), y, xf)
+        if m.ndim == 1:
+            keep = torch.nonzero(~m).flatten()
+            if keep.numel() * 2 <= m.numel():  # fix everything, then restore the few excluded tokens
+                y = _apply_all_tokens(xf, plan)
+                if keep.numel():
+                    y.index_copy_(-2, keep, xf.index_select(-2, keep))
+            else:  # fix only the few included tokens
+                sel = torch.nonzero(m).flatten()
+                y = xf.clone()
+                if sel.numel():
+                    y.index_copy_(-2, sel, _apply_all_tokens(xf.index_select(-2, sel), plan))
+        else:
+            y = torch.where(m.unsqueeze(-1), _apply_all_tokens(xf, plan), xf)
     return y.to(x.dtype) if y.dtype != x.dtype else y
+
+
+@functools.lru_cache(maxsize=64)
+def _default_scope_mask(n_tokens: int, scope: str) -> torch.Tensor:
+    return tokens.scope_mask(tokens.classify_positions(n_tokens), scope)
 
 
 def token_mask_for(n_tokens: int, scope: str, labels: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -288,7 +331,7 @@ def token_mask_for(n_tokens: int, scope: str, labels: torch.Tensor | None = None
     if scope == "all":
         return None
     if labels is None:
-        labels = tokens.classify_positions(n_tokens)
+        return _default_scope_mask(int(n_tokens), scope).clone()
     if labels.shape[-1] != n_tokens:
         raise ValueError(f"token labels cover {labels.shape[-1]} tokens, the embedding has {n_tokens}")
     return tokens.scope_mask(labels, scope)
@@ -304,4 +347,32 @@ def apply_fix(x: torch.Tensor, table: FixTable, mode: str, *, strength: float = 
     _check_width(x, table.dim, f"fix table ({table.meta.target_model or 'target'} vs "
                                f"{table.meta.reference_model or 'reference'})")
     mask = token_mask_for(x.shape[-2], scope, labels)
-    return apply_plan(x, plan_fix(table, mode, strength, thresholds), mask)
+    return apply_plan(x, cached_plan(table, mode, strength, thresholds), mask)
+
+
+_PLAN_CACHE: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 32
+_PLAN_LOCK = threading.Lock()
+
+
+def cached_plan(table: FixTable, mode: str, strength: float = 1.0, thresholds: Thresholds | None = None) -> FixPlan:
+    """:func:`plan_fix`, memoised on the table's tensor objects and their in-place version counters.
+
+    Cache entries hold references to the tensors they were keyed on, so an object id cannot be reused
+    while its entry lives; modifying a tensor in place bumps its version and misses the cache.
+    """
+    named = [(n, getattr(table, n)) for n in ("reference_mean", "reference_std", "target_mean", "target_std")]
+    named += sorted(table.extras.items())
+    key = (mode, float(strength), thresholds or table.meta.thresholds,
+           tuple((n, id(t), t._version) for n, t in named))
+    with _PLAN_LOCK:
+        hit = _PLAN_CACHE.get(key)
+        if hit is not None:
+            _PLAN_CACHE.move_to_end(key)
+            return hit[1]
+    plan = plan_fix(table, mode, strength, thresholds)
+    with _PLAN_LOCK:
+        _PLAN_CACHE[key] = (tuple(t for _, t in named), plan)
+        while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    return plan

@@ -264,3 +264,15 @@ def test_real_reference_two_sided_outliers(reference_stats_npz):
     out = fixes.apply_fix(x, table, "affine")[0].double().numpy()
     ratio = out.std(0, ddof=1)[[4, 396]] / ref_std[[4, 396]]
     assert np.all(np.abs(ratio - 1) < 0.2)
+
+
+def test_plan_cache_follows_table_changes():
+    t = hand_table()
+    x = x_hand()
+    first = fixes.apply_fix(x, t, "full")
+    assert fixes.cached_plan(t, "full") is fixes.cached_plan(t, "full")
+    t.target_std.mul_(2)  # in place: the cached plan must not be reused
+    torch.testing.assert_close(fixes.apply_fix(x, t, "full"), fixes.apply_plan(x, fixes.plan_fix(t, "full")))
+    assert not torch.equal(fixes.apply_fix(x, t, "full"), first)
+    t.target_std = torch.tensor(TGT_STD, dtype=torch.float32)  # replaced tensor
+    assert torch.equal(fixes.apply_fix(x, t, "full"), first)

@@ -1,0 +1,79 @@
+"""Benchmark: fix and blend time relative to a plain tensor copy (target: fix ≤ 1.5 × copy).
+
+Run: ``python tests/bench/bench_fix.py``. Prints ``fix_vs_copy_ratio=...`` per mode for a
+(1, 512, 2560) float32 tensor with a realistic table (Qwen3-like σ profile, a few outlier dims).
+``apply_fix`` includes planning; ``apply_plan`` reuses a precomputed plan.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+
+def _load_core():
+    if (HERE / "_bench_util.py").is_file():
+        sys.path.insert(0, str(HERE))
+        from _bench_util import load_core
+
+        load_core()
+        return sys.modules["dimfix"]
+    spec = importlib.util.spec_from_file_location("dimfix", ROOT / "dimfix" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "dimfix")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dimfix"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def best_time(fn, repeat: int = 30, number: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / number)
+    return best
+
+
+def main() -> None:
+    _load_core()
+    from dimfix import blend, fixes
+    from dimfix.fixtable import FixTable
+
+    torch.manual_seed(0)
+    d, t = 2560, 512
+    ref_std = torch.exp(torch.randn(d) * 0.2) * 5.6
+    ref_std[[4, 396, 0, 100]] = torch.tensor([2752.6, 948.7, 193.4, 77.2])
+    tgt_std = ref_std * torch.exp(torch.randn(d) * 0.15)
+    tgt_std[[396, 7, 9]] = tgt_std[[396, 7, 9]] * torch.tensor([1 / 600, 5.0, 0.2])
+    table = FixTable(torch.randn(d), ref_std, torch.randn(d), tgt_std,
+                     extras={"reference_p0_1": -4 * ref_std, "reference_p99_9": 4 * ref_std})
+    x = torch.randn(1, t, d) * tgt_std
+    copy_t = best_time(lambda: x.clone())
+    print(f"shape=(1, {t}, {d}) float32 threads={torch.get_num_threads()} copy_ms={copy_t * 1e3:.3f}")
+    for mode in fixes.MODES:
+        plan = fixes.plan_fix(table, mode)
+        fix_t = best_time(lambda: fixes.apply_fix(x, table, mode))
+        plan_t = best_time(lambda: fixes.apply_plan(x, plan))
+        content_t = best_time(lambda: fixes.apply_fix(x, table, mode, scope="content"))
+        print(f"mode={mode:<9} dims={plan.dims.numel():<5} fix_vs_copy_ratio={fix_t / copy_t:.2f} "
+              f"apply_plan_vs_copy_ratio={plan_t / copy_t:.2f} content_scope_vs_copy_ratio={content_t / copy_t:.2f}")
+    s = torch.randn(1, 1041, d) * tgt_std
+    for how in blend.ALIGN_MODES:
+        pad = table.reference_mean if how == "pad_mean" else None
+        bt = best_time(lambda: blend.blend(x, s, 0.8, align=how, table=table if pad is not None else None), repeat=10)
+        at = best_time(lambda: blend.align(s, t, how, pad), repeat=10)
+        print(f"blend align={how:<8} blend_vs_copy_ratio={bt / copy_t:.2f} align_vs_copy_ratio={at / copy_t:.2f}")
+
+
+if __name__ == "__main__":
+    main()
