@@ -130,3 +130,20 @@ def test_grid_to_tensor():
     arr = grid.compose_grid(imgs, ["a", "b"], subtitle="s")
     assert t.dtype == torch.float32 and tuple(t.shape) == (1, *arr.shape)
     assert torch.allclose(t[0] * 255, torch.from_numpy(arr).float(), atol=1e-3)
+
+
+def test_pillow_default_font_fallback_without_matplotlib(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    imgs = _images(2, 64, 64)
+    out = grid.compose_grid(imgs, ["Fix: rescale\nsim=0.912", "ref"], subtitle="s")
+    assert out.shape == (64 + 60 + 80, 128, 3)
+    assert (out[144:204] < 250).any() and (out[:80] < 250).any()
+    assert np.array_equal(out[80:144, :64], imgs[0])
+
+
+def test_fonts_are_dejavu_when_matplotlib_present():
+    font = grid._font_loader(True)(20)
+    assert "DejaVu" in font.getname()[0]
