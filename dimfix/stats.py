@@ -12,11 +12,14 @@ Numerics
     and M4. Centring keeps dims such as Qwen3's dim 4 (mean ≈ 925, σ ≈ 2753, sink values ≈ 1e4)
     and dims with σ ≈ 0.01 accurate in the same matrix. Non-finite inputs raise ``ValueError``.
 
-Degenerate cases (all returned as float64 NaN, never an exception)
-    - ``count == 0``: mean, min, max, every moment and every percentile are NaN.
+Degenerate cases (derived values are float64 NaN, never an exception)
+    - ``count == 0``: ``var``/``std``/``skewness``/``kurtosis``/``minimum``/``maximum``/
+      ``percentiles`` and the ``float32()`` mean are NaN. (The raw fields are the accumulator's
+      neutral state then: ``mean``/``m2``/``m3``/``m4`` zero, ``min`` +inf, ``max`` -inf.)
     - ``var``/``std``: NaN when ``count - ddof <= 0`` (so ``ddof=1`` needs 2 tokens).
     - ``skewness``/``kurtosis``: NaN for zero-variance dims (population variance
-      ``<= (8·ε·|mean|)²`` with float64 ε, i.e. nothing float64 can resolve), like scipy.
+      ``<= (8·ε·|mean|)²`` with float64 ε, i.e. nothing float64 can resolve), like scipy
+      (whose ``(ε·mean)²`` test can miss constant columns at large offsets and return garbage).
       With ``bias=False`` they are NaN when ``count < 3`` (skewness) / ``count < 4`` (kurtosis):
       the correction is undefined there (scipy silently returns the biased value instead).
 
@@ -60,6 +63,9 @@ def _nan(dim: int) -> torch.Tensor:
 
 class DimStats:
     """Per-dimension streaming moments, min/max and a percentile sample for ``[..., D]`` tokens.
+
+    Fields: ``dim``, ``count`` (tokens accumulated), float64 ``[D]`` ``mean``, ``m2``, ``m3``, ``m4``
+    (central moment sums), ``min``, ``max``; ``rows`` (the kept float64 rows).
 
     Args:
         dim: number of dimensions ``D`` (last axis of every update).
