@@ -1,16 +1,153 @@
-"""Placeholder: replaced by the real node."""
+"""Embedding Dimension Fix: apply a fix table to every entry of a CONDITIONING."""
+
+from __future__ import annotations
+
+import logging
+import os
 
 from comfy_api.latest import io
 
-from .common import CATEGORY
+from ..dimfix import conditioning as cond_utils
+from ..dimfix import fixes
+from ..dimfix.config import Thresholds
+from ..dimfix.fixtable import FixTable, load_fix_table
+from .common import CATEGORY, FixTableSocket, fix_table_files, fix_table_path
+
+log = logging.getLogger(__name__)
+
+NO_FILE = "none"
+SCOPES = ("content", "no_sink", "all")
+DEFAULT_MODE = "affine"
+#: Optional keys a CONDITIONING entry may carry to describe its source (checked against the table).
+SOURCE_KEYS = {"dimfix_layer": "layer", "dimfix_model": "target_model"}
+
+
+def resolve_table(fix_table: FixTable | None, table_file: str, node: str) -> FixTable:
+    """The connected FIX_TABLE, else the chosen saved table; a clear error when neither is given."""
+    if fix_table is not None:
+        if not isinstance(fix_table, FixTable):
+            raise ValueError(f"{node}: input 'fix_table' must be a fix table, got {type(fix_table).__name__}")
+        if table_file != NO_FILE:
+            log.info("%s: using the connected fix_table; table_file %r is ignored", node, table_file)
+        return fix_table
+    if table_file and table_file != NO_FILE:
+        return load_fix_table(fix_table_path(table_file))
+    raise ValueError(f"{node}: no fix table -- connect a FIX_TABLE (Dimension Analyzer) or choose a saved table in "
+                     "'table_file' (files in models/fix_tables)")
+
+
+def table_file_fingerprint(table_file: str) -> tuple:
+    """Changes when the chosen table file changes on disk, so ComfyUI re-runs the node."""
+    if not table_file or table_file == NO_FILE:
+        return (table_file,)
+    try:
+        st = os.stat(fix_table_path(table_file))
+    except (OSError, KeyError):
+        return (table_file, None)
+    return (table_file, st.st_mtime_ns, st.st_size)
+
+
+def check_width(cond: list, table: FixTable, socket: str) -> None:
+    for i, (t, _) in enumerate(cond):
+        if t.shape[-1] != table.dim:
+            raise ValueError(f"input '{socket}' entry {i} has width {t.shape[-1]} but the fix table "
+                             f"({table.meta.target_model or 'target'} vs {table.meta.reference_model or 'reference'}) "
+                             f"has width {table.dim}; use a table measured for this encoder")
+
+
+def warn_provenance(table: FixTable, cond: list, scope: str, node: str) -> None:
+    """Log warnings when what is known about the input differs from the table's metadata."""
+    meta = table.meta
+    if meta.layer == "sweep":
+        log.warning("%s: the fix table was recorded for a layer sweep, not one layer; its statistics may not match "
+                    "the conditioning's layer", node)
+    if meta.token_scope and meta.token_scope != scope:
+        log.warning("%s: the fix table's statistics cover %r tokens but the fix is applied to %r tokens", node,
+                    meta.token_scope, scope)
+    for i, (_, m) in enumerate(cond):
+        for key, field in SOURCE_KEYS.items():
+            if key in m and str(m[key]) != str(getattr(meta, field)):
+                log.warning("%s: conditioning entry %d comes from %s %r but the fix table was measured on %r", node, i,
+                            field, m[key], getattr(meta, field))
+
+
+def thresholds_for(table: FixTable, outlier_ratio: float, hyper_mult: float, clamp_sigma: float) -> Thresholds:
+    """The table's thresholds with the non-zero overrides applied."""
+    base = table.meta.thresholds
+    over = {k: float(v) for k, v in (("outlier_ratio", outlier_ratio), ("hyper_mult", hyper_mult),
+                                     ("clamp_sigma", clamp_sigma)) if v}
+    if "outlier_ratio" in over and over["outlier_ratio"] <= 1.0:
+        raise ValueError(f"outlier_ratio must be > 1 (or 0 to use the table's value), got {over['outlier_ratio']}")
+    return Thresholds(**{**base.__dict__, **over}) if over else base
 
 
 class EmbeddingDimensionFix(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(node_id="DimFixEmbeddingDimensionFix", display_name="Embedding Dimension Fix", category=CATEGORY,
-                         description="Not implemented yet.", inputs=[], outputs=[])
+        return io.Schema(
+            node_id="DimFixEmbeddingDimensionFix",
+            display_name="Embedding Dimension Fix",
+            category=CATEGORY,
+            description="Corrects a substitute encoder's CONDITIONING dimension by dimension with a fix table "
+                        "(reference vs target statistics), so Z-Image sees the per-dimension distribution it was "
+                        "trained on. Every entry is fixed; token count, pooled output and an all-ones mask are kept.",
+            inputs=[
+                io.Conditioning.Input("conditioning", tooltip="Conditioning from the substitute (target) encoder."),
+                io.Combo.Input("mode", options=list(fixes.MODES), default=DEFAULT_MODE,
+                               tooltip="affine (default): match every dim's mean and std to the reference about "
+                                       "the means, guarded against dead dims -- the least destructive full fix. "
+                                       "none/rescale/mask/clamp/full: the original research's formulas (rescale "
+                                       "and clamp act about 0). mask_mean: outlier and dead dims set to the "
+                                       "reference mean. clamp_pct: map outlier dims, then clamp every dim to the "
+                                       "reference's p0.1..p99.9 range."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="0 = unchanged, 1 = fully fixed. For affine it is λ: the std ratio is "
+                                       "applied as (σ_ref/σ_tgt)^λ and the mean moves by λ."),
+                io.Combo.Input("token_scope", options=list(SCOPES), default="content",
+                               tooltip="Tokens to fix. content (default): prompt tokens only; the attention-sink "
+                                       "token and the chat-template tokens pass unchanged (their massive "
+                                       "activations are what Z-Image expects). no_sink: all but position 0. "
+                                       "all: every token (the original research)."),
+                io.Combo.Input("table_file", options=[NO_FILE, *fix_table_files()], default=NO_FILE,
+                               tooltip="A saved fix table from models/fix_tables. Ignored when a FIX_TABLE is "
+                                       "connected."),
+                FixTableSocket.Input("fix_table", optional=True,
+                                     tooltip="Fix table from the Dimension Analyzer; takes precedence over "
+                                             "table_file."),
+                io.Float.Input("outlier_ratio", default=0.0, min=0.0, max=1000.0, step=0.1, optional=True,
+                               tooltip="Override τ: a dim is an outlier when σ_tgt/σ_ref > τ or < 1/τ. "
+                                       "0 = the table's value (3 by default)."),
+                io.Float.Input("hyper_mult", default=0.0, min=0.0, max=1000.0, step=0.1, optional=True,
+                               tooltip="Override: hyperactive when σ > hyper_mult × the model's median σ "
+                                       "(clamp mode). 0 = the table's value (5 by default)."),
+                io.Float.Input("clamp_sigma", default=0.0, min=0.0, max=100.0, step=0.1, optional=True,
+                               tooltip="Override k of the ±k·σ_ref clamps (clamp; clamp_pct without "
+                                       "percentiles). 0 = the table's value (3 by default)."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="conditioning",
+                                       tooltip="The fixed conditioning: same entries and token count, all-ones "
+                                               "attention mask, pooled output kept."),
+            ],
+        )
 
     @classmethod
-    def execute(cls) -> io.NodeOutput:
-        raise NotImplementedError("Embedding Dimension Fix is not implemented yet")
+    def fingerprint_inputs(cls, table_file: str = NO_FILE, **kwargs) -> tuple:
+        return table_file_fingerprint(table_file)
+
+    @classmethod
+    def execute(cls, conditioning, mode: str, strength: float, token_scope: str, table_file: str = NO_FILE,
+                fix_table: FixTable | None = None, outlier_ratio: float = 0.0, hyper_mult: float = 0.0,
+                clamp_sigma: float = 0.0) -> io.NodeOutput:
+        node = "Embedding Dimension Fix"
+        cond_utils.validate(conditioning, socket="conditioning")
+        table = resolve_table(fix_table, table_file, node)
+        check_width(conditioning, table, "conditioning")
+        warn_provenance(table, conditioning, token_scope, node)
+        th = thresholds_for(table, outlier_ratio, hyper_mult, clamp_sigma)
+        plan = fixes.cached_plan(table, mode, strength, th)  # fallbacks (e.g. no percentiles) are logged
+
+        def fix(t, _meta):
+            return fixes.apply_plan(t, plan, fixes.token_mask_for(t.shape[-2], token_scope))
+
+        return io.NodeOutput(cond_utils.map_tensors(conditioning, fix))
