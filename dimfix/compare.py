@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 
-def _vec(x: Any, name: str) -> torch.Tensor:
+def _vec(x: Any) -> torch.Tensor:
     t = torch.as_tensor(x).detach().to(device="cpu", dtype=_F64).reshape(-1)
     return t
 
@@ -49,7 +49,7 @@ def _median(t: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------- ratios
 def ratio_eps(sigma_ref: torch.Tensor, eps_rel: float) -> float:
     """The absolute epsilon used by :func:`std_ratio` (see module docs)."""
-    ref = _vec(sigma_ref, "sigma_ref")
+    ref = _vec(sigma_ref)
     eps = eps_rel * _median(ref)
     if not eps > 0:
         eps = eps_rel * float(ref.max()) if ref.numel() else 0.0
@@ -58,7 +58,7 @@ def ratio_eps(sigma_ref: torch.Tensor, eps_rel: float) -> float:
 
 def std_ratio(sigma_tgt: torch.Tensor, sigma_ref: torch.Tensor, eps_rel: float = Thresholds.eps_rel) -> torch.Tensor:
     """``(σ_tgt + eps) / (σ_ref + eps)`` per dim, float64, with ``eps = eps_rel × median σ_ref``."""
-    tgt, ref = _vec(sigma_tgt, "sigma_tgt"), _vec(sigma_ref, "sigma_ref")
+    tgt, ref = _vec(sigma_tgt), _vec(sigma_ref)
     if tgt.shape != ref.shape:
         raise ValueError(f"std_ratio: sigma_tgt has {tgt.numel()} dims, sigma_ref {ref.numel()}")
     if not eps_rel >= 0:
@@ -75,7 +75,7 @@ def log_ratio(sigma_tgt: torch.Tensor, sigma_ref: torch.Tensor, eps_rel: float =
 # ---------------------------------------------------------------------------- correlations
 def pearson(a: Any, b: Any) -> float:
     """Centred Pearson correlation of two equal-length vectors (float64); NaN if either is constant."""
-    x, y = _vec(a, "a"), _vec(b, "b")
+    x, y = _vec(a), _vec(b)
     if x.shape != y.shape:
         raise ValueError(f"pearson: lengths differ ({x.numel()} vs {y.numel()})")
     if x.numel() < 2 or not (torch.isfinite(x).all() and torch.isfinite(y).all()):
@@ -91,7 +91,7 @@ def pearson(a: Any, b: Any) -> float:
 
 def rankdata(a: Any) -> torch.Tensor:
     """1-based ranks with ties given their average rank (``scipy.stats.rankdata`` 'average'), float64."""
-    x = _vec(a, "a")
+    x = _vec(a)
     n = x.numel()
     if n == 0:
         return x.clone()
@@ -109,7 +109,7 @@ def rankdata(a: Any) -> torch.Tensor:
 
 def spearman(a: Any, b: Any) -> float:
     """Spearman rank correlation (Pearson of average ranks, ties handled); NaN for constant input."""
-    x, y = _vec(a, "a"), _vec(b, "b")
+    x, y = _vec(a), _vec(b)
     if x.shape != y.shape:
         raise ValueError(f"spearman: lengths differ ({x.numel()} vs {y.numel()})")
     if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
