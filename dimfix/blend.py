@@ -73,7 +73,7 @@ def align(x: torch.Tensor, length: int, mode: str = "pool", pad_value: torch.Ten
                                  "table's reference_mean)")
             pad = xf.mean(dim=1, keepdim=True)
         else:
-            pad = torch.as_tensor(pad_value, dtype=torch.float32)
+            pad = torch.as_tensor(pad_value, dtype=torch.float32, device=xf.device)
             if pad.shape[-1] != xf.shape[-1] and pad.numel() != 1:
                 raise ValueError(f"pad_value width {pad.shape[-1]} does not match the sequence width {xf.shape[-1]}")
             if pad.numel() == 1:
@@ -148,7 +148,8 @@ def rms_match(x: torch.Tensor, like: torch.Tensor, eps: float = 1e-12) -> torch.
     Returns ``x``'s dtype.
     """
     if x.ndim < 2 or like.ndim < 2 or x.shape[-2] != like.shape[-2]:
-        raise ValueError(f"rms_match needs aligned [..., T, D] sequences: shapes {tuple(x.shape)} and {tuple(like.shape)}")
+        raise ValueError(f"rms_match needs aligned [..., T, D] sequences: shapes {tuple(x.shape)} and "
+                         f"{tuple(like.shape)}")
     xd = x.to(torch.float64)
     r_x = xd.pow(2).mean(dim=-1, keepdim=True).sqrt()
     r_l = like.to(torch.float64).pow(2).mean(dim=-1, keepdim=True).sqrt()

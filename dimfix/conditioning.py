@@ -33,7 +33,8 @@ def validate(cond: Any, socket: str = "conditioning", width: int | None = None) 
     """Raise a ValueError naming ``socket`` unless ``cond`` is a usable Z-Image CONDITIONING."""
     where = f"input '{socket}'"
     if not isinstance(cond, (list, tuple)):
-        raise ValueError(f"{where} expects a CONDITIONING (a list of [tensor, dict] entries), got {type(cond).__name__}")
+        raise ValueError(f"{where} expects a CONDITIONING (a list of [tensor, dict] entries), "
+                         f"got {type(cond).__name__}")
     if len(cond) == 0:
         raise ValueError(f"{where} is an empty CONDITIONING (no entries); connect a text encoder output")
     for i, entry in enumerate(cond):
@@ -58,7 +59,9 @@ def validate(cond: Any, socket: str = "conditioning", width: int | None = None) 
         n_nan = int(torch.isnan(t).sum())
         n_inf = int(torch.isinf(t).sum())
         if n_nan or n_inf:
-            hint = " (fp16 overflows on Qwen3's massive activations: use bf16 or fp32)" if t.dtype == torch.float16 else ""
+            hint = ""
+            if t.dtype == torch.float16:
+                hint = " (fp16 overflows on Qwen3's massive activations: use bf16 or fp32)"
             raise ValueError(f"{at}: tensor contains {n_nan} NaN and {n_inf} Inf value(s){hint}; refusing to use it")
         if width is not None and t.shape[-1] != width:
             raise ValueError(f"{at}: width {t.shape[-1]} does not match the expected width {width}")

@@ -158,6 +158,12 @@ class FixPlan:
     def dim(self) -> int:
         return int(self.scale.shape[0])
 
+    def to(self, device: torch.device | str) -> "FixPlan":
+        """The same plan with its tensors on ``device``."""
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return FixPlan(mode=self.mode, strength=self.strength, scale=mv(self.scale), shift=mv(self.shift),
+                       lo=mv(self.lo), hi=mv(self.hi), mix=self.mix, notes=self.notes)
+
     @property
     def is_identity(self) -> bool:
         return self.dims.numel() == 0 or self.mix == 0.0
@@ -296,6 +302,8 @@ def apply_plan(x: torch.Tensor, plan: FixPlan, token_mask: torch.Tensor | None =
     _check_width(x, plan.dim, "fix plan")
     if plan.is_identity:
         return x.clone()
+    if plan.scale.device != x.device:
+        plan = plan.to(x.device)
     xf = x.to(torch.float32)
     if token_mask is None:
         y = _apply_all_tokens(xf, plan)

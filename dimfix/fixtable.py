@@ -154,7 +154,8 @@ def _as_float32(name: str, value: Any) -> torch.Tensor:
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(np.ascontiguousarray(value))
     if not isinstance(value, torch.Tensor):
-        raise FixTableError(f"fix table tensor {name!r} must be a torch.Tensor or numpy array, got {type(value).__name__}")
+        raise FixTableError(f"fix table tensor {name!r} must be a torch.Tensor or numpy array, "
+                            f"got {type(value).__name__}")
     return value.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
 
@@ -202,10 +203,9 @@ class FixTable:
         for key in ("reference_model", "target_model", "template", "token_scope", "created"):
             if not isinstance(getattr(self.meta, key), str):
                 raise FixTableError(f"{where}: metadata {key!r} must be a string")
-        if not isinstance(self.meta.layer, (int, str)) or isinstance(self.meta.layer, bool):
-            raise FixTableError(f"{where}: metadata 'layer' must be an int HF index or 'sweep', got {self.meta.layer!r}")
-        if isinstance(self.meta.layer, str) and self.meta.layer != "sweep":
-            raise FixTableError(f"{where}: metadata 'layer' must be an int HF index or 'sweep', got {self.meta.layer!r}")
+        layer = self.meta.layer
+        if isinstance(layer, bool) or not (isinstance(layer, int) or layer == "sweep"):
+            raise FixTableError(f"{where}: metadata 'layer' must be an int HF index or 'sweep', got {layer!r}")
         if not isinstance(self.meta.thresholds, Thresholds):
             raise FixTableError(f"{where}: metadata 'thresholds' must be a dimfix.config.Thresholds")
         return self

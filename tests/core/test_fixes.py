@@ -276,3 +276,11 @@ def test_plan_cache_follows_table_changes():
     assert not torch.equal(fixes.apply_fix(x, t, "full"), first)
     t.target_std = torch.tensor(TGT_STD, dtype=torch.float32)  # replaced tensor
     assert torch.equal(fixes.apply_fix(x, t, "full"), first)
+
+
+def test_plan_to_device_keeps_values():
+    plan = fixes.plan_fix(hand_table(), "clamp")
+    moved = plan.to("cpu")
+    assert moved is not plan and torch.equal(moved.scale, plan.scale) and torch.equal(moved.hi, plan.hi)
+    assert torch.equal(moved.dims, plan.dims)
+    assert torch.equal(fixes.apply_plan(x_hand(), moved), fixes.apply_plan(x_hand(), plan))

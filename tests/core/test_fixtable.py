@@ -196,3 +196,10 @@ def test_model_fingerprint(tmp_path):
     (tmp_path / "shards" / "model.safetensors.index.json").write_text("{}")
     assert fixtable.model_fingerprint(tmp_path / "shards").startswith(
         "shards@sha256:" + hashlib.sha256(b"{}").hexdigest()[:12])
+
+
+def test_invalid_layer_metadata(tmp_path):
+    t = make_table()
+    t.meta.layer = "last"
+    with pytest.raises(FixTableError, match="'layer' must be an int HF index or 'sweep', got 'last'"):
+        save_fix_table(t, tmp_path / "t.safetensors")
