@@ -130,29 +130,28 @@ class FixPlan:
     mix: float = 1.0
     notes: tuple[str, ...] = ()
     dims: torch.Tensor = field(init=False)
-    _affine_idx: torch.Tensor = field(init=False, repr=False)
-    _bounded_idx: torch.Tensor = field(init=False, repr=False)
-    _lo_id: torch.Tensor | None = field(init=False, repr=False)
-    _hi_id: torch.Tensor | None = field(init=False, repr=False)
+    _k: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.lo is None) != (self.hi is None):
             raise ValueError("a fix plan needs both bounds lo and hi, or neither")
         affine = (self.scale != 1) | (self.shift != 0)
         bounded = torch.zeros_like(affine)
-        lo_id = hi_id = None
+        k: dict = {"aff": torch.nonzero(affine).flatten(), "lo_id": None, "hi_id": None}
         if self.lo is not None:
             bounded = torch.isfinite(self.lo) | torch.isfinite(self.hi)
             if bool((bounded & ~affine).any()):
                 # Bounds on untouched dims can be applied to x directly (exact: y = x there).
                 inf = torch.full_like(self.lo, float("inf"))
-                lo_id = torch.where(affine, -inf, self.lo)
-                hi_id = torch.where(affine, inf, self.hi)
+                k["lo_id"], k["hi_id"] = torch.where(affine, -inf, self.lo), torch.where(affine, inf, self.hi)
+        k["bnd"] = torch.nonzero(bounded).flatten()
+        # Per-index slices for the gather/scatter path (precomputed: indexing costs as much as a small fix).
+        aff, bnd = k["aff"], k["bnd"]
+        k["aff_scale"], k["aff_shift"] = self.scale[aff], self.shift[aff]
+        if self.lo is not None:
+            k["aff_lo"], k["aff_hi"], k["bnd_lo"], k["bnd_hi"] = self.lo[aff], self.hi[aff], self.lo[bnd], self.hi[bnd]
         object.__setattr__(self, "dims", torch.nonzero(affine | bounded).flatten())
-        object.__setattr__(self, "_affine_idx", torch.nonzero(affine).flatten())
-        object.__setattr__(self, "_bounded_idx", torch.nonzero(bounded).flatten())
-        object.__setattr__(self, "_lo_id", lo_id)
-        object.__setattr__(self, "_hi_id", hi_id)
+        object.__setattr__(self, "_k", k)
 
     @property
     def dim(self) -> int:
@@ -254,39 +253,36 @@ def _check_width(x: torch.Tensor, d: int, what: str) -> None:
         raise ValueError(f"embedding width {x.shape[-1]} does not match the {what} width {d}")
 
 
-def _sparse_update(y: torch.Tensor, src: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor | None,
-                   shift: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None) -> None:
-    """``y[..., idx] = clamp(src[..., idx]·scale + shift, lo, hi)`` for a few dims (in place on new ``y``)."""
+def _gather_fix(y: torch.Tensor, src: torch.Tensor, idx: torch.Tensor, scale: torch.Tensor | None,
+                shift: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None) -> None:
+    """``y[..., idx] = clamp(src[..., idx]·scale + shift, lo, hi)`` for a few dims (in place on a new ``y``)."""
     sub = src.index_select(-1, idx)
     if scale is not None:
-        sub = torch.addcmul(shift[idx], sub, scale[idx])
+        sub = torch.addcmul(shift, sub, scale)
     if lo is not None:
-        sub = torch.clamp(sub, lo[idx], hi[idx])
+        sub = torch.clamp(sub, lo, hi)
     y.index_copy_(-1, idx, sub)
 
 
 def _apply_all_tokens(xf: torch.Tensor, plan: FixPlan) -> torch.Tensor:
     """The plan on every token of ``xf`` (float32); returns a new tensor, ``xf`` untouched.
 
-    Few changed dims are gathered, fixed and scattered; many are done in one fused pass. Bounds on
-    untouched dims are applied while copying (``clamp`` of ``x`` is exact there since ``y = x``).
+    The affine part is one fused pass (as fast as a copy). Bounds on a few dims are gathered,
+    clamped and scattered; bounds on many untouched dims are applied while copying (exact there,
+    since ``y = x``), with the few changed dims fixed by gather/scatter.
     """
-    aff, bnd = plan._affine_idx, plan._bounded_idx
+    k = plan._k
+    aff, bnd = k["aff"], k["bnd"]
     few = lambda idx: idx.numel() * 8 <= plan.dim  # noqa: E731
-    if plan._lo_id is not None and few(aff) and not few(bnd):
-        y = torch.clamp(xf, plan._lo_id, plan._hi_id)
+    if k["lo_id"] is not None and few(aff) and not few(bnd):
+        y = torch.clamp(xf, k["lo_id"], k["hi_id"])
         if aff.numel():
-            _sparse_update(y, xf, aff, plan.scale, plan.shift, plan.lo, plan.hi)
+            _gather_fix(y, xf, aff, k["aff_scale"], k["aff_shift"], k["aff_lo"], k["aff_hi"])
     else:
-        if few(aff):
-            y = xf.clone()
-            if aff.numel():
-                _sparse_update(y, xf, aff, plan.scale, plan.shift, None, None)
-        else:
-            y = torch.addcmul(plan.shift, xf, plan.scale)
+        y = torch.addcmul(plan.shift, xf, plan.scale) if aff.numel() else xf.clone()
         if bnd.numel():
             if few(bnd):
-                _sparse_update(y, y, bnd, None, None, plan.lo, plan.hi)
+                _gather_fix(y, y, bnd, None, None, k["bnd_lo"], k["bnd_hi"])
             else:
                 torch.clamp(y, plan.lo, plan.hi, out=y)
     if plan.mix < 1.0:

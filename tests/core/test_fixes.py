@@ -226,25 +226,26 @@ def test_width_mismatch_names_both_widths():
         fixes.apply_fix(torch.zeros(1, 3, 9), hand_table(), "full")
 
 
-@pytest.mark.parametrize("n_dims,bounded", [(2, False), (2, True), (60, True), (60, False)])
-def test_sparse_and_dense_paths_equal_naive_formula(n_dims, bounded):
-    g = torch.Generator().manual_seed(n_dims)
+@pytest.mark.parametrize("n_dims,n_bounded", [(0, 3), (0, 20), (2, 0), (2, 3), (2, 20), (60, 0), (60, 3), (60, 20)])
+def test_every_apply_path_equals_naive_formula(n_dims, n_bounded):
+    g = torch.Generator().manual_seed(n_dims * 100 + n_bounded)
     d = 64
     scale, shift = torch.ones(d), torch.zeros(d)
     idx = torch.randperm(d, generator=g)[:n_dims]
     scale[idx] = torch.rand(n_dims, generator=g) * 3
     shift[idx] = torch.randn(n_dims, generator=g)
     lo = hi = None
-    if bounded:
+    if n_bounded:
         lo, hi = torch.full((d,), -float("inf")), torch.full((d,), float("inf"))
-        cl = torch.randperm(d, generator=g)[:20]
+        cl = torch.randperm(d, generator=g)[:n_bounded]
         lo[cl], hi[cl] = -0.5, 0.7
     plan = fixes.FixPlan(mode="test", strength=1.0, scale=scale, shift=shift, lo=lo, hi=hi)
     x = torch.randn(2, 9, d, generator=g)
     naive = x * scale + shift
-    if bounded:
+    if n_bounded:
         naive = torch.maximum(torch.minimum(naive, hi), lo)
     torch.testing.assert_close(fixes.apply_plan(x, plan), naive, rtol=1e-6, atol=1e-6)
+    assert plan.dims.numel() == int(((scale != 1) | (shift != 0) | (torch.isfinite(lo) if n_bounded else False)).sum())
 
 
 def test_real_reference_two_sided_outliers(reference_stats_npz):
