@@ -148,6 +148,7 @@ class FixPlan:
         # Per-index slices for the gather/scatter path (precomputed: indexing costs as much as a small fix).
         aff, bnd = k["aff"], k["bnd"]
         k["aff_scale"], k["aff_shift"] = self.scale[aff], self.shift[aff]
+        k["no_shift"] = not bool(k["aff_shift"].any())
         if self.lo is not None:
             k["aff_lo"], k["aff_hi"], k["bnd_lo"], k["bnd_hi"] = self.lo[aff], self.hi[aff], self.lo[bnd], self.hi[bnd]
         object.__setattr__(self, "dims", torch.nonzero(affine | bounded).flatten())
@@ -279,7 +280,12 @@ def _apply_all_tokens(xf: torch.Tensor, plan: FixPlan) -> torch.Tensor:
         if aff.numel():
             _gather_fix(y, xf, aff, k["aff_scale"], k["aff_shift"], k["aff_lo"], k["aff_hi"])
     else:
-        y = torch.addcmul(plan.shift, xf, plan.scale) if aff.numel() else xf.clone()
+        if not aff.numel():
+            y = xf.clone()
+        elif k["no_shift"]:  # a plain product is the cheapest pass (legacy rescale/mask/clamp)
+            y = torch.mul(xf, plan.scale)
+        else:
+            y = torch.addcmul(plan.shift, xf, plan.scale)
         if bnd.numel():
             if few(bnd):
                 _gather_fix(y, y, bnd, None, None, k["bnd_lo"], k["bnd_hi"])
