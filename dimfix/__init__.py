@@ -7,9 +7,12 @@ Modules (import the ones you need; ``plots`` imports matplotlib lazily):
 - ``stats``       streaming, mergeable float64 per-dimension moments and percentiles
 - ``compare``     reference-vs-target comparison, classes and verdict
 - ``fixtable``    the fix-table safetensors format (atomic, validated)
+- ``conditioning`` validation and copy-on-write mapping of ComfyUI CONDITIONING lists
+- ``corpus``      the calibration prompt corpus and its parsing rules
 - ``fixes``       fix modes applied to [..., T, D] tensors
 - ``blend``       length alignment and mixing of two sequences
 - ``checkpoint``  Qwen3 checkpoint reader (single file, HF folder, shards, flat keys)
+- ``layers``      Hugging Face hidden-state index <-> ComfyUI ``clip_layer`` mapping
 - ``dit``         DiT-aware sensitivity from the caption embedder weights
 - ``analysis``    corpus analysis: accumulate, compare, report, build a fix table
 - ``plots``       matplotlib figures as RGB arrays
@@ -17,4 +20,7 @@ Modules (import the ones you need; ``plots`` imports matplotlib lazily):
 - ``batch``       ComfyUI HTTP API batch runner (``python -m dimfix.batch``)
 """
 
-__all__ = ["tokens", "config"]
+__all__ = [
+    "analysis", "batch", "blend", "checkpoint", "compare", "conditioning", "config", "corpus", "dit",
+    "fixes", "fixtable", "grid", "layers", "plots", "stats", "tokens",
+]
