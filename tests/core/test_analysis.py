@@ -1,0 +1,358 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dimfix import dit
+from dimfix.analysis import CorpusAnalysis
+from dimfix.compare import compare, outlier_flags, per_token_cosine
+from dimfix.config import Thresholds
+from dimfix.fixtable import load_fix_table, save_fix_table
+from dimfix.stats import DimStats
+from dimfix.tokens import (ENDOFTEXT, TEMPLATE_PREFIX_IDS, TEMPLATE_SUFFIX_IDS, TokenClass, classify_ids,
+                           classify_positions, scope_mask)
+
+D = 16
+
+
+def _prompt(gen, n_content, layers=1, dim=D, sink=1e4):
+    """Synthetic [L, T, D] hidden states with the Z-Image template layout (sink at position 0)."""
+    t = len(TEMPLATE_PREFIX_IDS) + n_content + len(TEMPLATE_SUFFIX_IDS)
+    x = torch.randn(layers, t, dim, generator=gen, dtype=torch.float64)
+    x[:, 0, 4] = sink  # massive activation on the sink token
+    x[:, 1:3] *= 3.0  # template tokens: a different scale
+    return x, classify_positions(t)
+
+
+def _corpus(n_prompts=6, layers=1, seed=0, dim=D, scale_dims=(), once_dims=(), factor=10.0, content=12):
+    """(ref, tgt, labels) per prompt; ``scale_dims`` scaled by ``factor`` in every prompt, ``once_dims`` in prompt 1."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for p in range(n_prompts):
+        ref, lab = _prompt(gen, content + (p % 3), layers, dim)
+        tgt = ref * 1.0 + 0.05 * torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+        for d in scale_dims:
+            tgt[..., d] *= factor
+        if p == 1:
+            for d in once_dims:
+                tgt[..., d] *= factor
+        out.append((ref, tgt, lab))
+    return out
+
+
+def _run(corpus, layers=None, **kw):
+    an = CorpusAnalysis(D if "dim" not in kw else kw.pop("dim"), layers=layers, **kw)
+    for i, (ref, tgt, lab) in enumerate(corpus):
+        if layers is None:
+            ref, tgt = ref[0], tgt[0]
+        an.add_prompt(ref, tgt, lab, lab, prompt=f"prompt {i}")
+    return an
+
+
+def _content_concat(corpus, side, layer=0, scope="content"):
+    idx = 0 if side == "ref" else 1
+    return torch.cat([c[idx][layer][scope_mask(c[2], scope)] for c in corpus])
+
+
+def test_table_equals_direct_dimstats_on_concatenated_content_tokens(tmp_path):
+    corpus = _corpus(n_prompts=7, scale_dims=(3,))
+    res = _run(corpus).finish(reference_model="ref-model", target_model="tgt-model")
+    table = res.fix_table()
+    for side, mean, std in (("ref", table.reference_mean, table.reference_std),
+                            ("tgt", table.target_mean, table.target_std)):
+        cat = _content_concat(corpus, side)
+        direct = DimStats(D)
+        direct.update(cat)
+        m, s = direct.float32()
+        assert torch.equal(mean, m) and torch.equal(std, s)
+        # independent reference: numpy on the same tokens
+        np.testing.assert_allclose(std.double().numpy(), cat.numpy().std(0, ddof=1), rtol=1e-6)
+        name = "reference" if side == "ref" else "target"
+        for q, key in ((0.1, "p0_1"), (1.0, "p1"), (50.0, "p50"), (99.0, "p99"), (99.9, "p99_9")):
+            expected = torch.from_numpy(np.percentile(cat.numpy(), q, axis=0)).float()
+            assert torch.equal(table.extras[f"{name}_{key}"], expected)
+    assert table.meta.layer == -2 and table.meta.token_scope == "content"
+    assert table.meta.prompt_count == 7 and table.meta.token_count == _content_concat(corpus, "ref").shape[0]
+    assert table.meta.reference_model == "ref-model" and table.meta.target_model == "tgt-model"
+    path = save_fix_table(table, tmp_path / "t.safetensors")
+    back = load_fix_table(path)
+    assert torch.equal(back.target_std, table.target_std)
+    assert back.meta.thresholds == Thresholds()
+
+
+def test_scope_all_and_no_sink_tables_cover_those_tokens():
+    corpus = _corpus(n_prompts=4)
+    for scope in ("all", "no_sink"):
+        table = _run(corpus, scope=scope).finish().fix_table()
+        direct = DimStats(D)
+        direct.update(_content_concat(corpus, "ref", scope=scope))
+        assert torch.equal(table.reference_std, direct.float32()[1])
+        assert table.meta.token_scope == scope
+
+
+def test_consistency_split_consistent_vs_prompt_specific():
+    corpus = _corpus(n_prompts=5, scale_dims=(3,), once_dims=(7,))
+    res = _run(corpus).finish()
+    lr = res.result()
+    assert lr.consistent == [3]
+    assert lr.prompt_specific == [7]
+    assert lr.flag_prompts == 5
+    assert float(lr.frequency[3]) == 1.0 and float(lr.frequency[7]) == pytest.approx(0.2)
+    assert 3 in lr.comparison.outlier_high
+    # per-prompt flags agree with dimfix.compare.outlier_flags on each prompt's own stats
+    for ref, tgt, lab in corpus:
+        m = scope_mask(lab, "content")
+        a, b = DimStats(D), DimStats(D)
+        a.update(ref[0][m])
+        b.update(tgt[0][m])
+        flags = outlier_flags(a, b)
+        assert bool(flags[3]) and flags.sum() >= 1
+
+
+def test_sweep_equals_per_layer_single_runs():
+    corpus = _corpus(n_prompts=5, layers=3, scale_dims=(2,), once_dims=(9,), seed=4)
+    sweep = _run(corpus, layers=[-3, -2, -1], primary_layers=[-2]).finish()
+    assert sweep.layers == [-3, -2, -1] and sweep.report_layer == -2 and sweep.is_sweep
+    for j, k in enumerate([-3, -2, -1]):
+        single = CorpusAnalysis(D, layers=[k])
+        for ref, tgt, lab in corpus:
+            single.add_prompt(ref[j], tgt[j], lab, lab)
+        one = single.finish().result(k)
+        got = sweep.result(k)
+        for name in ("sigma_ref", "sigma_tgt", "mean_ref", "mean_tgt", "ratio"):
+            torch.testing.assert_close(getattr(got.comparison, name), getattr(one.comparison, name), rtol=1e-12,
+                                       atol=0)
+        assert got.comparison.outliers == one.comparison.outliers
+        assert (got.consistent, got.prompt_specific) == (one.consistent, one.prompt_specific)
+        assert got.cosine == pytest.approx(one.cosine, rel=1e-12)
+        assert got.reference_classes.counts() == one.reference_classes.counts()
+        st = sweep.fix_table(k)
+        assert st.meta.layer == k
+        assert ("reference_p50" in st.extras) == (k == -2)  # percentiles only for the primary layer
+    assert torch.equal(sweep.fix_table().target_std, sweep.fix_table(-2).target_std)
+
+
+def test_sweep_cross_layer_and_recommended_layer():
+    gen = torch.Generator().manual_seed(1)
+    an = CorpusAnalysis(D, layers=[0, 1, 2], primary_layers=[1])
+    for _ in range(4):
+        ref, lab = _prompt(gen, 12, layers=3)
+        tgt = ref.clone()
+        tgt[0, :, :5] *= 10  # target layer 0: 5 dims off
+        tgt[1, :, :2] *= 10  # target layer 1: 2 dims off
+        tgt[2] = ref[1]  # target layer 2 reproduces the reference's layer 1 exactly
+        an.add_prompt(ref, tgt, lab, lab)
+    res = an.finish()
+    rows = {r["layer"]: r for r in res.cross_layer()}
+    assert rows[2]["outliers"] == 0 and rows[2]["std_pearson"] == pytest.approx(1.0)
+    assert rows[1]["outliers"] == 2
+    assert res.recommended_layer() == 2
+    md = res.report_markdown()
+    assert "## Layer sweep" in md and "**Recommended target layer: 2**" in md
+
+
+def test_report_contains_verdict_rows_and_top_dims():
+    corpus = _corpus(n_prompts=6, scale_dims=(3, 11), once_dims=(7,))
+    res = _run(corpus).finish(reference_model="Qwen3-4B", target_model="Qwen3-Embedding-4B")
+    md = res.report_markdown()
+    lr = res.result()
+    v = {r.name: r for r in lr.verdict.rows}
+    assert v["outlier dims"].value == len(lr.comparison.outliers)
+    assert v["std correlation"].value == lr.comparison.std_pearson
+    assert v["mean correlation"].value == lr.comparison.mean_pearson
+    for line in (f"| cosine | {v['cosine'].value:.4f} | > 0.95 |",
+                 f"| std correlation | {lr.comparison.std_pearson:.4f} | > 0.95 |",
+                 f"| mean correlation | {lr.comparison.mean_pearson:.4f} | > 0.9 |",
+                 f"| outlier dims | {len(lr.comparison.outliers)} | < 10 |"):
+        assert line in md
+    assert "Qwen3-Embedding-4B vs Qwen3-4B" in md
+    table_rows = [ln for ln in md.splitlines() if ln.startswith("| 3 |") or ln.startswith("| 11 |")]
+    assert len(table_rows) == 2
+    for ln, d in zip(table_rows, (3, 11)):
+        ratio = float(lr.comparison.ratio[d])
+        assert 9 < ratio < 11 and f"| {ratio:.4g} |" in ln  # the ≈10× dims with their ratio
+    assert "- Consistent (2): 3, 11" in md and "- Prompt-specific (1): 7" in md
+    assert "**sink**" in md and "4 (+1e+04)" in md  # the sink's massive dim
+    assert "## DiT-aware" not in md and "## Layer sweep" not in md
+
+
+def test_verdict_cosine_is_mean_of_aligned_content_token_cosines():
+    corpus = _corpus(n_prompts=4, scale_dims=(5,))
+    lr = _run(corpus).finish().result()
+    cos = torch.cat([per_token_cosine(r[0], t[0], scope_mask(lab, "content")) for r, t, lab in corpus])
+    assert lr.cosine_tokens == cos.numel()
+    assert lr.cosine == pytest.approx(float(cos.double().mean()), abs=1e-6)
+
+
+def test_alignment_with_ids_and_appended_eos():
+    """Target = Qwen3-Embedding style: one extra <|endoftext|> at the end; ids decide what is compared."""
+    gen = torch.Generator().manual_seed(2)
+    ids = list(TEMPLATE_PREFIX_IDS) + [100, 200, 300, 400] + list(TEMPLATE_SUFFIX_IDS)
+    ref = torch.randn(len(ids), D, generator=gen, dtype=torch.float64)
+    tgt = torch.cat([ref * 2.0 + 0.1 * torch.randn(ref.shape, generator=gen, dtype=torch.float64),
+                     torch.randn(1, D, generator=gen, dtype=torch.float64)])
+    t_ids = ids + [ENDOFTEXT]
+    r_lab, t_lab = classify_ids(ids), classify_ids(t_ids)
+    assert int(t_lab[-1]) == int(TokenClass.APPENDED_EOS)
+    an = CorpusAnalysis(D)
+    an.add_prompt(ref, tgt, r_lab, t_lab, ref_ids=ids, tgt_ids=t_ids)
+    # a prompt whose 2nd content token differs: that position is left out
+    ids2 = list(ids)
+    ids2[4] = 999
+    an.add_prompt(ref, tgt[:-1], r_lab, classify_ids(ids2), ref_ids=ids, tgt_ids=ids2)
+    # without ids and with different lengths (ignoring the EOS): no cosine, noted
+    an.add_prompt(ref, tgt[:-2], r_lab, classify_positions(len(ids) - 1), prompt="short")
+    res = an.finish()
+    m = scope_mask(r_lab, "content")
+    c1 = per_token_cosine(ref, tgt, m).double()
+    m2 = m.clone()
+    m2[4] = False
+    c2 = per_token_cosine(ref, tgt[:-1], m2).double()
+    lr = res.result()
+    assert lr.cosine_tokens == c1.numel() + c2.numel() == 7
+    assert lr.cosine == pytest.approx(float(torch.cat([c1, c2]).mean()), abs=1e-6)
+    assert any("'short'" in w and "no per-token cosine" in w for w in res.warnings)
+    assert res.class_counts["target"]["appended_eos"] == 1
+    assert res.class_counts["reference"]["appended_eos"] == 0
+
+
+def test_single_token_and_all_template_prompts_are_handled():
+    corpus = _corpus(n_prompts=4)
+    an = _run(corpus)
+    gen = torch.Generator().manual_seed(9)
+    one = torch.randn(1, D, generator=gen, dtype=torch.float64)
+    an.add_prompt(one, one * 2, classify_positions(1), classify_positions(1), prompt="T=1")
+    empty = torch.randn(8, D, generator=gen, dtype=torch.float64)  # empty prompt: template only
+    lab = classify_positions(8)
+    assert int((lab == int(TokenClass.CONTENT)).sum()) == 0
+    an.add_prompt(empty, empty, lab, lab, prompt="empty")
+    res = an.finish()
+    base = _run(corpus).finish()
+    assert res.prompt_count == 6 and res.result().flag_prompts == 4
+    assert torch.equal(res.fix_table().reference_std, base.fix_table().reference_std)
+    assert res.class_counts["reference"]["sink"] == base.class_counts["reference"]["sink"] + 2
+    assert res.class_counts["reference"]["template"] == base.class_counts["reference"]["template"] + 7
+    assert sum("fewer than 2 'content' tokens" in w for w in res.warnings) == 2
+    # a corpus of only such prompts: a clear error, not a NaN table
+    lonely = CorpusAnalysis(D)
+    lonely.add_prompt(empty, empty, lab, lab)
+    with pytest.raises(ValueError, match=r"only 0 token\(s\) in the 'content' scope.*'no_sink' or 'all'"):
+        lonely.finish()
+    with pytest.raises(ValueError, match="no prompts"):
+        CorpusAnalysis(D).finish()
+
+
+def test_nan_input_refused_with_count_and_nothing_recorded():
+    corpus = _corpus(n_prompts=2)
+    an = _run(corpus)
+    ref, tgt, lab = corpus[0]
+    bad = tgt[0].clone()
+    bad[2, 3] = float("nan")
+    bad[5, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"tgt_hidden of prompt #2 contains 2 NaN/Inf"):
+        an.add_prompt(ref[0], bad, lab, lab)
+    assert an.prompt_count == 2
+    assert torch.equal(an.finish().fix_table().target_std, _run(corpus).finish().fix_table().target_std)
+
+
+def test_bad_shapes_and_labels_are_refused():
+    an = CorpusAnalysis(D, layers=[0, 1])
+    x = torch.zeros(2, 5, D)
+    lab = classify_positions(5)
+    with pytest.raises(ValueError, match=r"\[2, T, 16\]"):
+        an.add_prompt(x[0], x, lab, lab)
+    with pytest.raises(ValueError, match="ref_labels must be an int64 tensor"):
+        an.add_prompt(x, x, lab[:4], lab)
+    with pytest.raises(ValueError, match="unknown token classes"):
+        an.add_prompt(x, x, lab + 7, lab)
+    with pytest.raises(ValueError, match="scope"):
+        CorpusAnalysis(D, scope="content_only")
+    with pytest.raises(ValueError, match="primary_layers"):
+        CorpusAnalysis(D, layers=[0, 1], primary_layers=[5])
+
+
+def test_bf16_input_is_upcast_and_not_modified():
+    corpus = _corpus(n_prompts=3)
+    an = CorpusAnalysis(D)
+    for ref, tgt, lab in corpus:
+        r16 = ref[0].to(torch.bfloat16)
+        before = r16.clone()
+        an.add_prompt(r16, tgt[0].float(), lab, lab)
+        assert torch.equal(r16, before)
+    table = an.finish().fix_table()
+    direct = DimStats(D)
+    direct.update(torch.cat([ref[0].to(torch.bfloat16)[scope_mask(lab, "content")] for ref, _, lab in corpus]))
+    assert torch.equal(table.reference_std, direct.float32()[1])
+
+
+def test_fixed_seed_determinism_and_merge():
+    corpus = _corpus(n_prompts=6, layers=2, scale_dims=(1,), once_dims=(6,), seed=7)
+    a = _run(corpus, layers=[0, 1], primary_layers=[1], sample_rows=16, seed=3).finish()
+    b = _run(corpus, layers=[0, 1], primary_layers=[1], sample_rows=16, seed=3).finish()
+    ta, tb = a.fix_table(), b.fix_table()
+    for name, t in ta.tensors().items():
+        assert torch.equal(t, tb.tensors()[name]), name
+    assert a.report_markdown() == b.report_markdown()
+    # merging two halves equals one run over all prompts
+    first = _run(corpus[:3], layers=[0, 1], primary_layers=[1], sample_rows=16, seed=3)
+    second = _run(corpus[3:], layers=[0, 1], primary_layers=[1], sample_rows=16, seed=3)
+    merged = first.merge(second).finish()
+    assert merged.prompt_count == 6
+    for k in (0, 1):
+        torch.testing.assert_close(merged.result(k).comparison.sigma_tgt, a.result(k).comparison.sigma_tgt,
+                                   rtol=1e-6, atol=0)
+        assert merged.result(k).consistent == a.result(k).consistent
+        assert merged.result(k).prompt_specific == a.result(k).prompt_specific
+        assert merged.result(k).cosine == pytest.approx(a.result(k).cosine, rel=1e-12)
+
+
+def _cap_weights(dim=D, out=8, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(dim, generator=gen) + 0.5, torch.randn(out, dim, generator=gen), torch.randn(out, generator=gen))
+
+
+def test_dit_aware_ranking_and_caption_space_cosine():
+    corpus = _corpus(n_prompts=4, scale_dims=(3,), once_dims=(7,))
+    gain, weight, bias = _cap_weights()
+    an = CorpusAnalysis(D)
+    an.set_dit(gain, weight, bias, eps=1e-5)
+    for ref, tgt, lab in corpus:
+        an.add_prompt(ref[0], tgt[0], lab, lab)
+    res = an.finish()
+    lr = res.result()
+    sens = dit.cap_sensitivity(gain, weight, sigma_ref=lr.comparison.sigma_ref)
+    assert torch.equal(lr.sensitivity, sens)
+    expected_rank = dit.rank_dims(sens, lr.comparison.log_ratio, top=20)
+    assert lr.dit_ranking == expected_rank
+    # by hand: s_d = |g_d| ||W[:, d]|| σ_ref,d; the top dim maximises s_d |ln r_d|
+    s_hand = gain.double().abs() * weight.double().norm(dim=0) * lr.comparison.sigma_ref.double()
+    score = s_hand * lr.comparison.log_ratio.double().abs()
+    assert lr.dit_ranking[0]["dim"] == int(torch.argmax(score))
+    cos = []
+    for ref, tgt, lab in corpus:
+        _, c = dit.caption_space_cosine(ref[0], tgt[0], gain, weight, bias, 1e-5, mask=scope_mask(lab, "content"))
+        cos.append(c.double())
+    assert lr.caption_cosine == pytest.approx(float(torch.cat(cos).mean()), abs=1e-6)
+    md = res.report_markdown()
+    assert "## DiT-aware view" in md and f"| {expected_rank[0]['dim']} |" in md
+    with pytest.raises(ValueError, match="takes 8-dim input"):
+        CorpusAnalysis(8 + 1).set_dit(torch.ones(8), torch.ones(4, 8))
+
+
+def test_min_tokens_warning():
+    corpus = _corpus(n_prompts=2, content=5)
+    res = _run(corpus).finish()
+    assert any("fewer than 32" in w for w in res.warnings)
+    res2 = _run(corpus, thresholds=Thresholds(min_tokens=4)).finish()
+    assert not any("fewer than" in w for w in res2.warnings)
+
+
+def test_plots_are_rgb_images_and_sweep_adds_heatmap():
+    corpus = _corpus(n_prompts=3, layers=2, scale_dims=(3,))
+    single = _run(corpus[:], layers=[0, 1], primary_layers=[1]).finish()
+    images = single.plots()
+    assert len(images) == 6
+    for img in images:
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+        assert img.std() > 0  # not blank
