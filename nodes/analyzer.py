@@ -1,16 +1,383 @@
-"""Placeholder: replaced by the real node."""
+"""Dimension Analyzer: encode a prompt corpus with two text encoders and measure per-dim differences.
 
-from comfy_api.latest import io
+The node only encodes and feeds :class:`dimfix.analysis.CorpusAnalysis`. Each prompt is encoded the
+way ``CLIPTextEncode`` does it (``clip.tokenize(text)`` — the Z-Image chat template — then the
+encoder's forward), but the encoder is asked for HF ``hidden_states`` layers directly (one layer,
+or every layer at once for a sweep): one forward per prompt and encoder, whatever the layer count.
+A ``CLIP Set Last Layer`` upstream is therefore ignored: the ``layer`` widget decides.
+"""
 
-from .common import CATEGORY
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..dimfix.analysis import CorpusAnalysis
+from ..dimfix.config import Thresholds
+from ..dimfix.corpus import default_corpus_path, load_default_corpus, parse_corpus
+from ..dimfix.fixtable import save_fix_table
+from ..dimfix.plots import to_image_batch
+from ..dimfix.tokens import ZIMAGE_TEMPLATE, TokenClass, classify_ids, classify_positions
+from .common import CATEGORY, FIX_TABLES_FOLDER, FixTableSocket, register_fix_tables_folder
+
+log = logging.getLogger(__name__)
+
+NODE = "Dimension Analyzer"
+SCOPES = ("content", "no_sink", "all")
+_SAVE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
 
 
+def _default_prompts() -> str:
+    try:
+        return default_corpus_path().read_text(encoding="utf-8")
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------- encoder access
+def _inner(clip, socket: str):
+    """The text model inside a CLIP that supports HF-indexed layer selection (``layer`` = list / "all")."""
+    csm = getattr(clip, "cond_stage_model", None)
+    name = getattr(csm, "clip", None)
+    inner = getattr(csm, name, None) if isinstance(name, str) else None
+    if inner is None or not hasattr(inner, "layer") or not hasattr(inner, "num_layers") \
+            or not hasattr(inner, "reset_clip_options"):
+        raise ValueError(f"{NODE}: input '{socket}' is not a single-model text encoder with selectable hidden layers "
+                         f"(got {type(csm).__name__}); use a Qwen3 CLIP, or connect conditionings to "
+                         "'reference_conditioning' / 'target_conditioning' instead")
+    return inner
+
+
+def _hf_layers(clip, socket: str) -> int:
+    """Number of HF hidden states (transformer blocks + 1) of the CLIP's text model."""
+    return int(_inner(clip, socket).num_layers) + 1
+
+
+def _normalise_layer(layer: int, n_states: int, socket: str) -> int:
+    if not -n_states <= int(layer) < n_states:
+        raise ValueError(f"{NODE}: layer {layer} is out of range for '{socket}', which has {n_states} HF hidden "
+                         f"states (valid: {-n_states} .. {n_states - 1}; -2 is the Z-Image default)")
+    return int(layer) - n_states if layer >= 0 else int(layer)
+
+
+def _token_ids(tokens) -> list[int] | None:
+    """Token ids of a one-encoder, one-section ``clip.tokenize`` result (None when not plain ids)."""
+    if not isinstance(tokens, dict) or len(tokens) != 1:
+        return None
+    sections = next(iter(tokens.values()))
+    if len(sections) != 1:
+        return None
+    ids = []
+    for item in sections[0]:
+        tok = item[0] if isinstance(item, (tuple, list)) else item
+        if isinstance(tok, bool) or not isinstance(tok, int):
+            return None  # an injected embedding: ids unknown
+        ids.append(int(tok))
+    return ids
+
+
+def encode_hidden(clip, text: str, layers: list[int] | str, socket: str) -> tuple[torch.Tensor, list[int] | None]:
+    """Hidden states ``[L, T, D]`` (float32) of ``text`` at HF ``layers`` (non-negative list or "all").
+
+    One forward; the CLIP's layer options are restored afterwards whatever happens.
+    """
+    tokens = clip.tokenize(text)
+    inner = _inner(clip, socket)
+    clip.load_model()
+    try:
+        inner.reset_clip_options()
+        inner.layer = layers
+        inner.set_clip_options({"execution_device": clip.patcher.load_device})
+        out = clip.cond_stage_model.encode_token_weights(tokens)
+    finally:
+        inner.reset_clip_options()
+    cond = out[0]
+    if cond.dim() != 4 or cond.shape[0] != 1:
+        raise ValueError(f"{NODE}: '{socket}' returned hidden states of shape {tuple(cond.shape)}; expected "
+                         "[1, layers, tokens, width] (an unsupported text encoder?)")
+    return cond[0], _token_ids(tokens)
+
+
+def _model_name(clip, socket: str) -> str:
+    named = getattr(clip, "dimfix_model_name", None)
+    if isinstance(named, str) and named:
+        return named
+    inner = _inner(clip, socket)
+    transformer = getattr(inner, "transformer", None)
+    width = None
+    try:
+        width = int(transformer.get_input_embeddings().weight.shape[-1])
+    except (AttributeError, TypeError, IndexError):
+        pass
+    return f"{type(transformer).__name__} ({inner.num_layers} layers" + (f", width {width})" if width else ")")
+
+
+def cap_embedder_weights(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
+    """``(gain, weight, bias, eps)`` of a Z-Image / Lumina2 MODEL's caption embedder (RMSNorm → Linear).
+
+    The module's stored weights are read (a LoRA patch on the caption embedder is not applied).
+    """
+    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+    cap = getattr(dm, "cap_embedder", None)
+    try:
+        norm, linear = cap[0], cap[1]
+        gain, weight = norm.weight, linear.weight
+    except (TypeError, IndexError, AttributeError):
+        raise ValueError(f"{NODE}: input 'model' is not a Z-Image (Lumina2/NextDiT) diffusion model: it has no "
+                         "caption embedder 'cap_embedder' = RMSNorm -> Linear") from None
+    bias = getattr(linear, "bias", None)
+    return gain, weight, bias, getattr(norm, "eps", None)
+
+
+# ---------------------------------------------------------------------------- conditioning mode
+def _cond_items(cond, socket: str) -> list[torch.Tensor]:
+    """The ``[T, D]`` sequences of a CONDITIONING (every entry, every batch item), attention-masked tokens dropped."""
+    if not isinstance(cond, (list, tuple)) or not cond:
+        raise ValueError(f"{NODE}: '{socket}' must be a non-empty CONDITIONING (list of [tensor, dict])")
+    out = []
+    for i, entry in enumerate(cond):
+        if not isinstance(entry, (list, tuple)) or len(entry) < 1 or not isinstance(entry[0], torch.Tensor):
+            raise ValueError(f"{NODE}: '{socket}' entry {i} is not a [tensor, dict] pair")
+        t = entry[0]
+        if t.dim() == 4:
+            raise ValueError(f"{NODE}: '{socket}' entry {i} has shape {tuple(t.shape)} (4-D: several layers); "
+                             "select one layer first (e.g. with Hidden Layer Select) — expected [batch, tokens, width]")
+        if t.dim() != 3:
+            raise ValueError(f"{NODE}: '{socket}' entry {i} has shape {tuple(t.shape)}; expected [batch, tokens, width]")
+        mask = entry[1].get("attention_mask") if len(entry) > 1 and isinstance(entry[1], dict) else None
+        for b in range(t.shape[0]):
+            x = t[b]
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] == t.shape[1]:
+                keep = mask[min(b, mask.shape[0] - 1)].to(torch.bool).cpu()
+                if not bool(keep.all()):
+                    x = x[keep.to(x.device)]
+            out.append(x)
+    return out
+
+
+# ---------------------------------------------------------------------------- node
 class DimensionAnalyzer(io.ComfyNode):
+    """Measure how a target text encoder's hidden-state dimensions differ from the reference's."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(node_id="DimFixDimensionAnalyzer", display_name="Dimension Analyzer", category=CATEGORY,
-                         description="Not implemented yet.", inputs=[], outputs=[])
+        return io.Schema(
+            node_id="DimFixDimensionAnalyzer",
+            display_name="Dimension Analyzer",
+            category=CATEGORY,
+            description=(
+                "Encodes a prompt corpus with a reference text encoder (what Z-Image was trained on, Qwen3-4B) "
+                "and a target encoder (the substitute) and compares every hidden dimension: std ratios, "
+                "outlier / dead / hyperactive dims, consistent vs prompt-specific outliers, the verdict, and "
+                "optionally the DiT's caption-embedder view. Outputs a fix table for Embedding Dimension Fix, a "
+                "markdown report and plots; can save the table to models/fix_tables."),
+            is_output_node=True,
+            inputs=[
+                io.Clip.Input("reference", optional=True,
+                              tooltip="Reference text encoder (e.g. Qwen3-4B as loaded for Z-Image). Optional when "
+                                      "the conditioning pair is connected."),
+                io.Clip.Input("target", optional=True,
+                              tooltip="Target text encoder to compare (e.g. Qwen3-Embedding-4B, a fine-tune). "
+                                      "Optional when the conditioning pair is connected."),
+                io.String.Input("prompts", multiline=True, default=_default_prompts(),
+                                tooltip="Calibration prompts, one per line ('#' comments and blank lines ignored). "
+                                        "Empty = the pack's calibration corpus (fix_tables/calibration_prompts.txt). "
+                                        "The Z-Image chat template is added automatically."),
+                io.Int.Input("layer", default=-2, min=-64, max=64,
+                             tooltip="Hidden layer in Hugging Face hidden_states indexing (-2 = Z-Image default; "
+                                     "0 = embeddings, -1 = final normed output). The table is measured at this "
+                                     "layer; in conditioning mode it is only recorded in the table."),
+                io.Boolean.Input("sweep_all_layers", default=False,
+                                 tooltip="Also analyse every layer (all from the same single forward per prompt): "
+                                         "the report adds a per-layer table and a recommended target layer."),
+                io.Float.Input("outlier_ratio", default=3.0, min=1.01, max=1000.0, step=0.1,
+                               tooltip="τ: a dim is an outlier when σ_target/σ_reference > τ or < 1/τ."),
+                io.Float.Input("dead_threshold", default=0.01, min=0.0, max=100.0, step=0.001,
+                               tooltip="A dim is dead when its σ is below this value."),
+                io.Float.Input("hyper_multiplier", default=5.0, min=1.0, max=1000.0, step=0.5,
+                               tooltip="A dim is hyperactive when its σ exceeds this multiple of the model's median σ."),
+                io.Combo.Input("token_scope", options=list(SCOPES), default="content",
+                               tooltip="Tokens the statistics cover: content = the prompt's own tokens (default); "
+                                       "no_sink = all but position 0 and an appended EOS; all = every token."),
+                io.Model.Input("model", optional=True,
+                               tooltip="Optional Z-Image diffusion model: adds the DiT-aware view (caption-embedder "
+                                       "sensitivity ranking and cosine in caption-embedder space)."),
+                io.Conditioning.Input("reference_conditioning", optional=True,
+                                      tooltip="Optional: reference conditionings produced elsewhere (one per prompt, "
+                                              "[batch, tokens, width]); used with 'target_conditioning' instead of "
+                                              "the encoders and prompts."),
+                io.Conditioning.Input("target_conditioning", optional=True,
+                                      tooltip="Optional: target conditionings paired entry by entry with "
+                                              "'reference_conditioning' (e.g. from a VL encoder)."),
+                io.String.Input("save_name", default="",
+                                tooltip="Save the table as models/fix_tables/<save_name>.safetensors; empty = don't "
+                                        "save. Letters, digits, '.', '_', '-', spaces."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an existing table file of the same name (otherwise the run stops "
+                                         "with an error before encoding)."),
+            ],
+            outputs=[
+                FixTableSocket.Output(display_name="fix_table",
+                                      tooltip="Per-dim reference and target statistics for Embedding Dimension Fix."),
+                io.String.Output(display_name="report", tooltip="Markdown report: verdict, top dims, consistency, "
+                                                                "token classes, DiT view, layer sweep."),
+                io.Image.Output(display_name="plots", tooltip="Ratio histogram, σ scatter, top outliers, class "
+                                                             "counts (and a layer heatmap for sweeps)."),
+            ],
+        )
 
     @classmethod
-    def execute(cls) -> io.NodeOutput:
-        raise NotImplementedError("Dimension Analyzer is not implemented yet")
+    def fingerprint_inputs(cls, prompts="", layer=-2, sweep_all_layers=False, outlier_ratio=3.0,
+                           dead_threshold=0.01, hyper_multiplier=5.0, token_scope="content", save_name="",
+                           overwrite=False, **linked) -> str:
+        """Widget values only: linked inputs (encoders, model, conditionings) arrive as None here, so their
+        identity cannot be part of this fingerprint; ComfyUI already re-runs the node when an upstream output
+        changes (e.g. another checkpoint is loaded), and otherwise reuses the cached result."""
+        key = repr((prompts, layer, sweep_all_layers, outlier_ratio, dead_threshold, hyper_multiplier, token_scope,
+                    save_name, overwrite))
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+    @classmethod
+    def execute(cls, prompts: str = "", layer: int = -2, sweep_all_layers: bool = False, outlier_ratio: float = 3.0,
+                dead_threshold: float = 0.01, hyper_multiplier: float = 5.0, token_scope: str = "content",
+                reference=None, target=None, model=None, reference_conditioning=None, target_conditioning=None,
+                save_name: str = "", overwrite: bool = False) -> io.NodeOutput:
+        import comfy.model_management
+        import comfy.utils
+
+        if token_scope not in SCOPES:
+            raise ValueError(f"{NODE}: token_scope must be one of {list(SCOPES)}, got {token_scope!r}")
+        try:
+            thresholds = Thresholds(outlier_ratio=float(outlier_ratio), dead_abs=float(dead_threshold),
+                                    hyper_mult=float(hyper_multiplier))
+        except ValueError as exc:
+            raise ValueError(f"{NODE}: {exc}") from None
+        dest = _save_path(save_name, overwrite)
+
+        cond_mode = reference_conditioning is not None or target_conditioning is not None
+        if cond_mode:
+            if reference_conditioning is None or target_conditioning is None:
+                raise ValueError(f"{NODE}: connect both 'reference_conditioning' and 'target_conditioning' (or neither "
+                                 "and use the 'reference' / 'target' encoders)")
+            if sweep_all_layers:
+                raise ValueError(f"{NODE}: sweep_all_layers needs the 'reference' and 'target' encoders; conditionings "
+                                 "hold one layer only")
+            if reference is not None or target is not None:
+                log.info("%s: conditioning pair connected; the encoder inputs are not used", NODE)
+            ref_items = _cond_items(reference_conditioning, "reference_conditioning")
+            tgt_items = _cond_items(target_conditioning, "target_conditioning")
+            if len(ref_items) != len(tgt_items):
+                raise ValueError(f"{NODE}: 'reference_conditioning' holds {len(ref_items)} sequences but "
+                                 f"'target_conditioning' {len(tgt_items)}; they are paired one to one")
+            widths = {int(x.shape[-1]) for x in ref_items} | {int(x.shape[-1]) for x in tgt_items}
+            if len(widths) != 1:
+                raise ValueError(f"{NODE}: conditioning widths differ (reference {ref_items[0].shape[-1]}, target "
+                                 f"{tgt_items[0].shape[-1]}, all: {sorted(widths)}); both must come from encoders "
+                                 "of the same hidden size")
+            dim = widths.pop()
+            an = CorpusAnalysis(dim, layers=[int(layer)], thresholds=thresholds, scope=token_scope)
+            _set_dit(an, model)
+            pbar = comfy.utils.ProgressBar(len(ref_items))
+            for i, (r, t) in enumerate(zip(ref_items, tgt_items)):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                r_lab = classify_positions(r.shape[0], appended_eos=False)
+                t_lab = classify_positions(t.shape[0], appended_eos=t.shape[0] == r.shape[0] + 1)
+                for name, x in (("reference_conditioning", r), ("target_conditioning", t)):
+                    bad = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
+                    if bad:
+                        raise ValueError(f"{NODE}: '{name}' sequence {i} contains {bad} NaN/Inf value(s)")
+                an.add_prompt(r.unsqueeze(0), t.unsqueeze(0), r_lab, t_lab, prompt=f"conditioning {i}")
+                pbar.update(1)
+            names = ("reference conditioning", "target conditioning")
+            template = ""
+        else:
+            if reference is None or target is None:
+                raise ValueError(f"{NODE}: connect both text encoders 'reference' and 'target', or the conditioning "
+                                 "pair 'reference_conditioning' / 'target_conditioning'")
+            text = prompts if isinstance(prompts, str) else ""
+            corpus = load_default_corpus() if not text.strip() else parse_corpus(text, source="prompts")
+            for note in corpus.notes:
+                log.info("%s: %s", NODE, note)
+            n_ref, n_tgt = _hf_layers(reference, "reference"), _hf_layers(target, "target")
+            if sweep_all_layers and n_ref != n_tgt:
+                raise ValueError(f"{NODE}: sweep_all_layers needs encoders with the same depth; 'reference' has "
+                                 f"{n_ref} hidden states and 'target' {n_tgt}")
+            k_ref = _normalise_layer(layer, n_ref, "reference")
+            k_tgt = _normalise_layer(layer, n_tgt, "target")
+            if sweep_all_layers:
+                labels = list(range(-n_ref, 0))
+                sel_ref, sel_tgt = "all", "all"
+            else:
+                labels = [k_ref]
+                sel_ref, sel_tgt = [k_ref + n_ref], [k_tgt + n_tgt]
+            an = None
+            pbar = comfy.utils.ProgressBar(len(corpus.prompts))
+            for prompt in corpus.prompts:
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                r, r_ids = encode_hidden(reference, prompt, sel_ref, "reference")
+                t, t_ids = encode_hidden(target, prompt, sel_tgt, "target")
+                if r.shape[-1] != t.shape[-1]:
+                    raise ValueError(f"{NODE}: the encoders have different widths (reference {r.shape[-1]}, target "
+                                     f"{t.shape[-1]}); a fix table needs the same hidden size")
+                if an is None:
+                    an = CorpusAnalysis(r.shape[-1], layers=labels, thresholds=thresholds, scope=token_scope,
+                                        primary_layers=[k_ref])
+                    _set_dit(an, model)
+                an.add_prompt(r, t, _labels(r_ids, r.shape[1]), _labels(t_ids, t.shape[1]), prompt=prompt,
+                              ref_ids=r_ids, tgt_ids=t_ids)
+                pbar.update(1)
+            names = (_model_name(reference, "reference"), _model_name(target, "target"))
+            template = ZIMAGE_TEMPLATE
+
+        result = an.finish(reference_model=names[0], target_model=names[1])
+        table = result.fix_table(template=template)
+        report = result.report_markdown()
+        images = to_image_batch(result.plots())
+        if dest is not None:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            saved = save_fix_table(table, dest, overwrite=bool(overwrite))
+            report += f"\nSaved the table to `{saved}`.\n"
+            log.info("%s: saved fix table to %s", NODE, saved)
+        for w in result.warnings[:20]:
+            log.warning("%s: %s", NODE, w)
+        return io.NodeOutput(table, report, images, ui=ui.PreviewImage(images, cls=cls))
+
+
+def _labels(ids: list[int] | None, n: int) -> torch.Tensor:
+    return classify_ids(ids) if ids is not None else classify_positions(n)
+
+
+def _set_dit(an: CorpusAnalysis, model) -> None:
+    if model is None:
+        return
+    gain, weight, bias, eps = cap_embedder_weights(model)
+    if gain.shape[-1] != an.dim:
+        raise ValueError(f"{NODE}: input 'model' takes {gain.shape[-1]}-dim caption features but the encoders have "
+                         f"{an.dim} dims (connect the Z-Image model this text encoder is meant for)")
+    an.set_dit(gain, weight, bias, eps)
+
+
+def _save_path(save_name: str, overwrite: bool) -> str | None:
+    """``<models_dir>/fix_tables/<save_name>.safetensors``, or None; refuses bad names and silent overwrites."""
+    import folder_paths
+
+    name = (save_name or "").strip()
+    if not name:
+        return None
+    if name.lower().endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not _SAVE_NAME_RE.match(name) or ".." in name:
+        raise ValueError(f"{NODE}: save_name {save_name!r} is not a plain file name; use letters, digits, '.', '_', "
+                         "'-' and spaces (no folders); the table goes to models/fix_tables/<save_name>.safetensors")
+    register_fix_tables_folder()
+    dest = os.path.join(folder_paths.models_dir, FIX_TABLES_FOLDER, name + ".safetensors")
+    if os.path.exists(dest) and not overwrite:
+        raise ValueError(f"{NODE}: {dest} already exists; set 'overwrite' to true to replace it, or choose another "
+                         "save_name")
+    return dest

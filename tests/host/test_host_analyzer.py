@@ -1,0 +1,329 @@
+"""Dimension Analyzer inside a real ComfyUI: tiny random Qwen3 encoders built through ComfyUI's own classes."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+NODE_ID = "DimFixDimensionAnalyzer"
+HIDDEN = 64
+N_LAYERS = 4
+PROMPTS = ["a red fox in the snow", "an old lighthouse at dusk, oil painting", "macro photo of a dew drop",
+           "a busy street market in the rain"]
+
+
+def _qwen3_state_dict(seed: int, hidden: int = HIDDEN, layers: int = N_LAYERS, inter: int = 128,
+                      vocab: int = 151936) -> tuple[dict, dict]:
+    """Random Qwen3 weights in ComfyUI's key layout (1 q head, 1 kv head of width 128) and the config overrides."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=0.05):
+        return torch.randn(*shape, generator=g) * scale
+
+    sd = {"model.embed_tokens.weight": r(vocab, hidden, scale=1.0), "model.norm.weight": 1 + r(hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        sd.update({p + "input_layernorm.weight": 1 + r(hidden), p + "post_attention_layernorm.weight": 1 + r(hidden),
+                   p + "self_attn.q_proj.weight": r(128, hidden), p + "self_attn.k_proj.weight": r(128, hidden),
+                   p + "self_attn.v_proj.weight": r(128, hidden), p + "self_attn.o_proj.weight": r(hidden, 128),
+                   p + "self_attn.q_norm.weight": 1 + r(128), p + "self_attn.k_norm.weight": 1 + r(128),
+                   p + "mlp.gate_proj.weight": r(inter, hidden), p + "mlp.up_proj.weight": r(inter, hidden),
+                   p + "mlp.down_proj.weight": r(hidden, inter)})
+    cfg = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=1,
+               num_key_value_heads=1, vocab_size=vocab)
+    return sd, cfg
+
+
+def make_clip(comfy, seed: int, vocab: int = 151936, hidden: int = HIDDEN, layers: int = N_LAYERS):
+    """A CLIP with the Z-Image tokenizer and a tiny Qwen3 (comfyui-host.md §2.1 fallback; test-only)."""
+    zi = importlib.import_module("comfy.text_encoders.z_image")
+
+    class Target:
+        params: dict = {}
+        clip = zi.te(dtype_llama=torch.float32)
+        tokenizer = zi.ZImageTokenizer
+
+    sd, cfg = _qwen3_state_dict(seed, hidden=hidden, layers=layers, vocab=vocab)
+    return comfy.sd.CLIP(Target(), state_dict=[sd], parameters=comfy.utils.calculate_parameters(sd),
+                         model_options={"qwen3_4b_model_config": cfg})
+
+
+@pytest.fixture(scope="module")
+def clips(comfy):
+    # reference: Qwen3-4B layout; target: Qwen3-Embedding layout (vocab 151665), other weights
+    return make_clip(comfy, seed=1), make_clip(comfy, seed=2, vocab=151665)
+
+
+@pytest.fixture(scope="module")
+def node(pack):
+    return pack.nodes[NODE_ID]
+
+
+@pytest.fixture
+def capture(pack, monkeypatch):
+    """Records the AnalysisResult(s) the node computes."""
+    analysis = importlib.import_module(pack.name + ".dimfix.analysis")
+    results = []
+    original = analysis.CorpusAnalysis.finish
+
+    def finish(self, *args, **kwargs):
+        res = original(self, *args, **kwargs)
+        results.append(res)
+        return res
+
+    monkeypatch.setattr(analysis.CorpusAnalysis, "finish", finish)
+    return results
+
+
+@pytest.fixture
+def fast_plots(pack, monkeypatch):
+    """Skip the matplotlib figures (≈1 s per run) in tests that do not look at them."""
+    import numpy as np
+
+    analysis = importlib.import_module(pack.name + ".dimfix.analysis")
+    monkeypatch.setattr(analysis.AnalysisResult, "plots", lambda self: [np.full((8, 8, 3), 255, np.uint8)])
+
+
+def run(node, **kw):
+    kw.setdefault("prompts", "\n".join(PROMPTS))
+    return node.execute(**kw)
+
+
+def stock_cond(clip, text):
+    """What CLIPTextEncode produces (default layer: HF -2)."""
+    tokens = clip.tokenize(text)
+    cond = clip.encode_from_tokens_scheduled(tokens)
+    ids = [t for t, _ in tokens["qwen3_4b"][0]]
+    return cond[0][0][0], ids
+
+
+def direct_stats(core, tensors_and_ids, scope="content"):
+    st = core.stats.DimStats(tensors_and_ids[0][0].shape[-1])
+    for x, ids in tensors_and_ids:
+        st.update(x[core.tokens.scope_mask(core.tokens.classify_ids(ids), scope)])
+    return st
+
+
+def test_schema(node, pack):
+    s = node.define_schema()
+    assert s.node_id == NODE_ID and s.display_name == "Dimension Analyzer"
+    assert s.category == importlib.import_module(pack.name + ".nodes.common").CATEGORY
+    assert s.description and s.is_output_node
+    for i in s.inputs:
+        assert i.tooltip, i.id
+    for o in s.outputs:
+        assert o.tooltip, o.display_name
+    ids = [i.id for i in s.inputs]
+    for name in ("reference", "target", "prompts", "layer", "sweep_all_layers", "outlier_ratio", "dead_threshold",
+                 "hyper_multiplier", "token_scope", "model", "reference_conditioning", "target_conditioning",
+                 "save_name", "overwrite"):
+        assert name in ids
+    prompts = next(i for i in s.inputs if i.id == "prompts")
+    assert "a " in prompts.default and len(prompts.default.splitlines()) > 50  # the calibration corpus
+    assert "Empty = the pack's calibration corpus" in prompts.tooltip
+
+
+def test_table_equals_core_stats_on_stock_conditioning(node, pack, clips, capture):
+    ref_clip, tgt_clip = clips
+    out = run(node, reference=ref_clip, target=tgt_clip)
+    table, report, images = out.args
+    core = pack.core
+    assert isinstance(table, core.fixtable.FixTable)
+    ref = direct_stats(core, [stock_cond(ref_clip, p) for p in PROMPTS])
+    tgt = direct_stats(core, [stock_cond(tgt_clip, p) for p in PROMPTS])
+    assert torch.equal(table.reference_mean, ref.float32()[0]) and torch.equal(table.reference_std, ref.float32()[1])
+    assert torch.equal(table.target_mean, tgt.float32()[0]) and torch.equal(table.target_std, tgt.float32()[1])
+    assert torch.equal(table.extras["target_p99"], tgt.percentiles([99.0])[99.0].float())
+    assert table.meta.layer == -2 and table.meta.prompt_count == len(PROMPTS)
+    assert table.meta.template == core.tokens.ZIMAGE_TEMPLATE
+    comp = core.compare.compare(ref, tgt)
+    res = capture[-1].result()
+    assert res.comparison.outliers == comp.outliers and res.comparison.std_pearson == comp.std_pearson
+    assert "| outlier dims |" in report and "## Most different dimensions" in report
+    assert images.ndim == 4 and images.shape[0] == 5 and images.shape[-1] == 3
+    assert out.ui is not None
+    # the CLIP's layer options were restored: stock encoding still gives HF -2
+    assert ref_clip.cond_stage_model.qwen3_4b.layer == "hidden"
+    assert ref_clip.cond_stage_model.qwen3_4b.layer_idx == -2
+
+
+def test_encode_hidden_all_layers_match_stock_layers(pack, clips):
+    analyzer = importlib.import_module(pack.name + ".nodes.analyzer")
+    ref_clip, _ = clips
+    hidden, ids = analyzer.encode_hidden(ref_clip, PROMPTS[1], "all", "reference")
+    assert hidden.shape[0] == N_LAYERS + 1
+    cond, stock_ids = stock_cond(ref_clip, PROMPTS[1])
+    assert ids == stock_ids
+    assert torch.equal(hidden[-2], cond)
+    one, _ = analyzer.encode_hidden(ref_clip, PROMPTS[1], [1], "reference")
+    assert torch.equal(one[0], hidden[1])
+    # CLIPSetLastLayer(-3) on a clone == HF -3
+    c = ref_clip.clone()
+    c.clip_layer(-3)
+    assert torch.equal(c.encode_from_tokens_scheduled(c.tokenize(PROMPTS[1]))[0][0][0], hidden[-3])
+
+
+def test_sweep_one_forward_per_prompt_and_equals_single_runs(node, clips, capture, monkeypatch, fast_plots):
+    ref_clip, tgt_clip = clips
+    counts = {"reference": 0, "target": 0}
+    for name, clip in (("reference", ref_clip), ("target", tgt_clip)):
+        transformer = clip.cond_stage_model.qwen3_4b.transformer
+        original = transformer.forward
+
+        def counted(*a, _orig=original, _name=name, **k):
+            counts[_name] += 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(transformer, "forward", counted)
+    sweep_table = run(node, reference=ref_clip, target=tgt_clip, sweep_all_layers=True).args[0]
+    assert counts == {"reference": len(PROMPTS), "target": len(PROMPTS)}
+    sweep = capture[-1]
+    assert sweep.layers == list(range(-(N_LAYERS + 1), 0))
+    for k in (-5, -3, -2, -1):
+        single_table = run(node, reference=ref_clip, target=tgt_clip, layer=k).args[0]
+        single = capture[-1].result(k)
+        got = sweep.result(k)
+        for name in ("sigma_ref", "sigma_tgt", "mean_ref", "mean_tgt"):
+            torch.testing.assert_close(getattr(got.comparison, name), getattr(single.comparison, name),
+                                       rtol=1e-6, atol=0)
+        assert got.comparison.outliers == single.comparison.outliers
+        assert got.consistent == single.consistent and got.prompt_specific == single.prompt_specific
+        assert got.cosine == pytest.approx(single.cosine, rel=1e-6)
+        if k == -2:
+            assert torch.equal(single_table.target_std, sweep_table.target_std)
+    report = run(node, reference=ref_clip, target=tgt_clip, sweep_all_layers=True, layer=0).args[1]
+    assert "## Layer sweep" in report and "Recommended target layer" in report
+    assert run(node, reference=ref_clip, target=tgt_clip, layer=N_LAYERS).args[0].meta.layer == -1
+
+
+class _FakeDiT:
+    """Stand-in for a ModelPatcher exposing ``model.diffusion_model.cap_embedder`` (RMSNorm -> Linear)."""
+
+    def __init__(self, width: int, dim: int = 32, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        norm = torch.nn.RMSNorm(width, eps=1e-5)
+        linear = torch.nn.Linear(width, dim)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(width, generator=g) + 0.5)
+            linear.weight.copy_(torch.randn(dim, width, generator=g))
+            linear.bias.copy_(torch.randn(dim, generator=g))
+        self.cap = torch.nn.Sequential(norm, linear)
+        self.model = type("M", (), {})()
+        self.model.diffusion_model = type("D", (), {})()
+        self.model.diffusion_model.cap_embedder = self.cap
+
+
+def test_dit_aware_numbers_equal_direct_computation(node, pack, clips, capture, fast_plots):
+    ref_clip, tgt_clip = clips
+    dit = _FakeDiT(HIDDEN)
+    report = run(node, reference=ref_clip, target=tgt_clip, model=dit).args[1]
+    res = capture[-1].result()
+    core = pack.core
+    norm, linear = dit.cap[0], dit.cap[1]
+    s = (norm.weight.double().abs() * linear.weight.double().norm(dim=0) * res.comparison.sigma_ref.double())
+    torch.testing.assert_close(res.sensitivity, s.float())
+    score = s * res.comparison.log_ratio.double().abs()
+    assert [r["dim"] for r in res.dit_ranking[:5]] == torch.argsort(score, descending=True, stable=True)[:5].tolist()
+    cos = []
+    for p in PROMPTS:
+        r, ids = stock_cond(ref_clip, p)
+        t, _ = stock_cond(tgt_clip, p)
+        m = core.tokens.scope_mask(core.tokens.classify_ids(ids), "content")
+        with torch.no_grad():
+            cos.append(torch.nn.functional.cosine_similarity(dit.cap(r[m]).double(), dit.cap(t[m]).double(), dim=-1))
+    assert res.caption_cosine == pytest.approx(float(torch.cat(cos).mean()), abs=1e-5)
+    assert "## DiT-aware view" in report
+    with pytest.raises(ValueError, match="32-dim caption features"):
+        run(node, reference=ref_clip, target=tgt_clip, model=_FakeDiT(32))
+    with pytest.raises(ValueError, match="not a Z-Image"):
+        run(node, reference=ref_clip, target=tgt_clip, model=object())
+
+
+def test_interrupt_mid_run_raises_and_writes_no_table(node, comfy, clips, monkeypatch):
+    ref_clip, tgt_clip = clips
+    calls = []
+
+    def hook(value, total, preview, node_id=None):
+        calls.append(value)
+        if value == 2:
+            comfy.mm.interrupt_current_processing()
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    dest = comfy.models / "fix_tables" / "interrupted.safetensors"
+    with pytest.raises(comfy.mm.InterruptProcessingException):
+        run(node, reference=ref_clip, target=tgt_clip, save_name="interrupted")
+    assert calls == [1, 2]
+    assert not dest.exists()
+    assert not any(p.name.startswith(".interrupted") for p in dest.parent.iterdir())
+    assert not comfy.mm.processing_interrupted()
+
+
+def test_save_and_overwrite_refusal(node, pack, comfy, clips, fast_plots):
+    ref_clip, tgt_clip = clips
+    table = run(node, reference=ref_clip, target=tgt_clip, save_name="tiny_pair").args[0]
+    dest = comfy.models / "fix_tables" / "tiny_pair.safetensors"
+    saved = pack.core.fixtable.load_fix_table(dest)
+    assert torch.equal(saved.target_std, table.target_std)
+    assert "tiny_pair.safetensors" in comfy.folder_paths.get_filename_list("fix_tables")
+    before = dest.read_bytes()
+    with pytest.raises(ValueError, match="already exists; set 'overwrite' to true"):
+        run(node, reference=ref_clip, target=tgt_clip, save_name="tiny_pair", prompts=PROMPTS[0] + "\n" + PROMPTS[1])
+    assert dest.read_bytes() == before
+    run(node, reference=ref_clip, target=tgt_clip, save_name="tiny_pair.safetensors", overwrite=True,
+        prompts=PROMPTS[0] + "\n" + PROMPTS[1])
+    assert pack.core.fixtable.load_fix_table(dest).meta.prompt_count == 2
+    with pytest.raises(ValueError, match="not a plain file name"):
+        run(node, reference=ref_clip, target=tgt_clip, save_name="../escape")
+
+
+def test_conditioning_pair_mode_equals_encoder_mode(node, clips, fast_plots):
+    ref_clip, tgt_clip = clips
+    from_clips = run(node, reference=ref_clip, target=tgt_clip).args[0]
+    ref_cond, tgt_cond = [], []
+    for p in PROMPTS:
+        ref_cond += ref_clip.encode_from_tokens_scheduled(ref_clip.tokenize(p))
+        tgt_cond += tgt_clip.encode_from_tokens_scheduled(tgt_clip.tokenize(p))
+    snapshot = [t[0].clone() for t in ref_cond]
+    table = run(node, reference_conditioning=ref_cond, target_conditioning=tgt_cond).args[0]
+    for name in ("reference_mean", "reference_std", "target_mean", "target_std"):
+        assert torch.equal(getattr(table, name), getattr(from_clips, name)), name
+    assert all(torch.equal(a[0], b) for a, b in zip(ref_cond, snapshot))
+    assert table.meta.template == "" and table.meta.layer == -2
+
+
+def test_bad_inputs_give_clear_errors(node, clips):
+    ref_clip, tgt_clip = clips
+    cond = ref_clip.encode_from_tokens_scheduled(ref_clip.tokenize(PROMPTS[0]))
+    with pytest.raises(ValueError, match="corpus is empty"):
+        run(node, reference=ref_clip, target=tgt_clip, prompts="# only a comment\n\n")
+    with pytest.raises(ValueError, match="connect both text encoders"):
+        run(node, reference=ref_clip)
+    with pytest.raises(ValueError, match="connect both 'reference_conditioning' and 'target_conditioning'"):
+        run(node, reference_conditioning=cond)
+    bad = [[cond[0][0].clone(), dict(cond[0][1])]]
+    bad[0][0][0, 3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"'target_conditioning' sequence 0 contains 1 NaN/Inf"):
+        run(node, reference_conditioning=cond, target_conditioning=bad)
+    four = [[cond[0][0].unsqueeze(1).repeat(1, 3, 1, 1), dict(cond[0][1])]]
+    with pytest.raises(ValueError, match="4-D"):
+        run(node, reference_conditioning=cond, target_conditioning=four)
+    wide = [[torch.zeros(1, cond[0][0].shape[1], HIDDEN + 8), {}]]
+    with pytest.raises(ValueError, match="widths differ"):
+        run(node, reference_conditioning=cond, target_conditioning=wide)
+    with pytest.raises(ValueError, match="holds 1 sequences but 'target_conditioning' 2"):
+        run(node, reference_conditioning=cond, target_conditioning=cond + cond)
+    with pytest.raises(ValueError, match="out of range"):
+        run(node, reference=ref_clip, target=tgt_clip, layer=N_LAYERS + 1)
+    with pytest.raises(ValueError, match="sweep_all_layers needs the 'reference' and 'target' encoders"):
+        run(node, reference_conditioning=cond, target_conditioning=cond, sweep_all_layers=True)
+
+
+def test_fingerprint_covers_widgets(node):
+    a = node.fingerprint_inputs(prompts="x", layer=-2, reference=None)
+    assert a == node.fingerprint_inputs(prompts="x", layer=-2, reference=None)
+    assert a != node.fingerprint_inputs(prompts="y", layer=-2)
+    assert a != node.fingerprint_inputs(prompts="x", layer=-3)
+    assert a != node.fingerprint_inputs(prompts="x", layer=-2, outlier_ratio=10.0)
+    assert a != node.fingerprint_inputs(prompts="x", layer=-2, sweep_all_layers=True)
