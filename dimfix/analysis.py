@@ -7,8 +7,10 @@ retained after :meth:`CorpusAnalysis.add_prompt` returns — and :meth:`CorpusAn
 turns them into an :class:`AnalysisResult` (comparisons, verdict, report, plots, fix table).
 
 Per prompt
-    - per-class statistics of both models (:class:`~dimfix.stats.ClassedStats`, float64), for every
-      analysed layer;
+    - statistics of both models on the chosen token scope (:class:`~dimfix.stats.DimStats`, float64:
+      moments, min/max, percentile sample) for every analysed layer, and per token class the count and
+      the per-dim mean (for the class notes: e.g. the sink token's massive dims). Only the scope needs
+      full statistics; one update per prompt and model keeps the per-prompt cost small;
     - per-prompt two-sided outlier flags on the chosen token scope (for the consistent vs
       prompt-specific split); a prompt with fewer than 2 scope tokens on either side gives no flags
       (noted in the warnings);
@@ -51,7 +53,7 @@ from . import dit as dit_mod
 from .compare import Comparison, Verdict, compare, consistency, pearson, verdict
 from .config import Thresholds
 from .fixtable import PERCENTILES, FixTable, FixTableMeta, percentile_name, utc_now_iso
-from .stats import DEFAULT_SAMPLE_ROWS, ClassedStats, DimStats
+from .stats import DEFAULT_SAMPLE_ROWS, DimStats
 from .tokens import ZIMAGE_TEMPLATE, TokenClass, scope_mask
 
 __all__ = ["CorpusAnalysis", "AnalysisResult", "LayerResult", "DEFAULT_LAYER"]
@@ -98,21 +100,24 @@ def _slice_stats(big: DimStats, j: int, dim: int) -> DimStats:
     return out
 
 
-def _slice_classed(big: ClassedStats, j: int, dim: int) -> ClassedStats:
-    out = ClassedStats(dim, sample_rows=0)
-    out.by_class = {c: _slice_stats(s, j, dim) for c, s in big.by_class.items()}
-    return out
+def _median_last(s: torch.Tensor) -> torch.Tensor:
+    """True median over the last axis (mean of the two middle values for even length), keepdim."""
+    v = s.sort(dim=-1).values
+    n = v.shape[-1]
+    mid = v[..., n // 2:n // 2 + 1]
+    return mid if n % 2 else (v[..., n // 2 - 1:n // 2] + mid) / 2
 
 
-def _merge_classed(a: ClassedStats, b: ClassedStats) -> ClassedStats:
-    out = ClassedStats(a.dim, sample_rows=0)
-    out.by_class = {c: a.by_class[c].merge(b.by_class[c]) for c in a.by_class}
-    return out
+def _std_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Per-layer, per-dim std (ddof=1) of ``x`` ``[L, n, D]`` (any float dtype) over its tokens, float64."""
+    x64 = x.to(_F64)
+    d = x64 - x64.mean(1, keepdim=True)
+    return (d.mul_(d).sum(1) / (x64.shape[1] - 1)).sqrt_()
 
 
 def _ratio_flags(s_ref: torch.Tensor, s_tgt: torch.Tensor, th: Thresholds) -> torch.Tensor:
     """Two-sided outlier flags ``[L, D]`` from per-layer σ ``[L, D]``, with the ratio rule of ``dimfix.compare``."""
-    med = torch.quantile(s_ref, 0.5, dim=-1, keepdim=True)  # true median (mean of the two middle values)
+    med = _median_last(s_ref)
     eps = th.eps_rel * med
     eps = torch.where(eps > 0, eps, th.eps_rel * s_ref.amax(-1, keepdim=True))
     eps = torch.where(torch.isfinite(eps), eps.clamp_min(_TINY), torch.full_like(eps, _TINY))
@@ -122,14 +127,18 @@ def _ratio_flags(s_ref: torch.Tensor, s_tgt: torch.Tensor, th: Thresholds) -> to
 
 @dataclass
 class LayerResult:
-    """Everything measured at one layer (comparison on the analysis scope)."""
+    """Everything measured at one layer (comparison on the analysis scope).
+
+    ``reference_classes`` / ``target_classes``: per token class name (``sink``, ``template``,
+    ``content``, ``appended_eos``) the token count and the float64 per-dim mean (NaN when empty).
+    """
 
     layer: int
     comparison: Comparison
     reference: DimStats
     target: DimStats
-    reference_classes: ClassedStats
-    target_classes: ClassedStats
+    reference_classes: dict[str, tuple[int, torch.Tensor]]
+    target_classes: dict[str, tuple[int, torch.Tensor]]
     consistent: list[int]
     prompt_specific: list[int]
     frequency: torch.Tensor
@@ -233,13 +242,12 @@ class AnalysisResult:
             parts = []
             for name, classes in ((self.reference_model, res.reference_classes),
                                   (self.target_model, res.target_classes)):
-                st = classes.by_class[cls]
-                if st.count == 0:
+                count, mean = classes[cls.name.lower()]
+                if count == 0:
                     continue
-                mean = st.mean
                 top = torch.sort(-mean.abs(), stable=True).indices[:5].tolist()
                 cells = ", ".join(f"{d} ({float(mean[d]):+.4g})" for d in top)
-                parts.append(f"{name}: {st.count} tokens; largest |mean| dims {cells}")
+                parts.append(f"{name}: {count} tokens; largest |mean| dims {cells}")
             if parts:
                 lines.append(f"- **{cls.name.lower()}**: " + "; ".join(parts))
         if lines:
@@ -417,11 +425,15 @@ class CorpusAnalysis:
         self.seed = int(seed)
         self._pidx = [self.layers.index(k) for k in self.primary]
         self._sidx = [j for j, k in enumerate(self.layers) if k not in self.primary]
-        # full per-class stats for primary layers; moments only, all secondary layers at once
-        self._full = {side: [ClassedStats(self.dim, self.sample_rows, self.seed) for _ in self._pidx]
+        # scope stats: full (with percentile sample) per primary layer; moments only, all secondary
+        # layers at once as one [L' x D]-wide DimStats
+        self._full = {side: [DimStats(self.dim, self.sample_rows, self.seed) for _ in self._pidx]
                       for side in ("ref", "tgt")}
-        self._bulk = {side: ClassedStats(self.dim * len(self._sidx), 0, self.seed) if self._sidx else None
+        self._bulk = {side: DimStats(self.dim * len(self._sidx), 0, self.seed) if self._sidx else None
                       for side in ("ref", "tgt")}
+        n_cls = len(TokenClass)
+        self._csum = {side: torch.zeros(n_cls, len(self.layers), self.dim, dtype=_F64) for side in ("ref", "tgt")}
+        self._ccount = {side: torch.zeros(n_cls, dtype=torch.int64) for side in ("ref", "tgt")}
         self._flags: list[torch.Tensor] = []  # bool [L, D] per prompt with flags
         self._cos_sum = torch.zeros(len(self.layers), dtype=_F64)
         self._cos_n = torch.zeros(len(self.layers), dtype=torch.int64)
@@ -468,9 +480,9 @@ class CorpusAnalysis:
                              f"(dimfix.tokens.classify_ids / classify_positions)")
         if labels.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"add_prompt: {name}_labels must be an int64 tensor of TokenClass values, got {labels.dtype}")
-        valid = {int(c) for c in TokenClass}
-        unknown = sorted(set(torch.unique(labels).tolist()) - valid)
-        if unknown:
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(TokenClass)):
+            valid = {int(c) for c in TokenClass}
+            unknown = sorted(set(torch.unique(labels).tolist()) - valid)
             raise ValueError(f"add_prompt: {name}_labels has unknown token classes {unknown} (valid {sorted(valid)})")
         if ids is not None and len(ids) != hidden.shape[1]:
             raise ValueError(f"add_prompt: {name}_ids has {len(ids)} entries for {hidden.shape[1]} tokens")
@@ -480,12 +492,16 @@ class CorpusAnalysis:
                              "(fp16 overflow? encode in bf16 or fp32); nothing from this prompt was recorded")
         return hidden
 
-    def _update(self, side: str, hidden: torch.Tensor, labels: torch.Tensor) -> None:
-        for i, j in enumerate(self._pidx):
-            self._full[side][i].update(hidden[j], labels)
-        if self._sidx:  # all secondary layers as one [T, L'·D] matrix: one vectorised update
-            x = hidden[self._sidx].permute(1, 0, 2).reshape(hidden.shape[1], -1)
-            self._bulk[side].update(x, labels)
+    def _update(self, side: str, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
+        if bool(mask.any()):
+            for i, j in enumerate(self._pidx):
+                self._full[side][i].update(hidden[j], mask)
+            if self._sidx:  # all secondary layers as one [T, L'·D] matrix: one vectorised update
+                x = hidden[self._sidx].permute(1, 0, 2).reshape(hidden.shape[1], -1)
+                self._bulk[side].update(x, mask)
+        onehot = torch.nn.functional.one_hot(labels.to(torch.int64), len(TokenClass)).to(_F64)  # [T, C]
+        self._csum[side] += torch.einsum("tc,ltd->cld", onehot, hidden.to(_F64))
+        self._ccount[side] += onehot.sum(0).to(torch.int64)
 
     def _aligned(self, ref_labels: torch.Tensor, tgt_labels: torch.Tensor, ref_ids: Sequence[int] | None,
                  tgt_ids: Sequence[int] | None) -> torch.Tensor | None:
@@ -518,8 +534,8 @@ class CorpusAnalysis:
         m_tgt = scope_mask(tgt_labels, self.scope)
         flags = None
         if int(m_ref.sum()) >= 2 and int(m_tgt.sum()) >= 2:
-            s_ref = ref[:, m_ref].to(_F64).std(dim=1, correction=1)
-            s_tgt = tgt[:, m_tgt].to(_F64).std(dim=1, correction=1)
+            s_ref = _std_tokens(ref[:, m_ref])
+            s_tgt = _std_tokens(tgt[:, m_tgt])
             flags = _ratio_flags(s_ref, s_tgt, self.thresholds)
         else:
             notes.append(f"{where}: fewer than 2 {self.scope!r} tokens (reference {int(m_ref.sum())}, target "
@@ -554,8 +570,8 @@ class CorpusAnalysis:
                     cap_n[i] = int(okc.sum())
 
         # record (inputs were validated above, so the statistics updates cannot fail half-way)
-        self._update("ref", ref, ref_labels)
-        self._update("tgt", tgt, tgt_labels)
+        self._update("ref", ref, ref_labels, m_ref)
+        self._update("tgt", tgt, tgt_labels, m_tgt)
         if flags is not None:
             self._flags.append(flags)
         self._cos_sum += cos_sum
@@ -579,9 +595,11 @@ class CorpusAnalysis:
         out = CorpusAnalysis(self.dim, self.layers if self.stacked else None, self.thresholds, self.scope,
                              self.primary, self.sample_rows, self.seed)
         for side in ("ref", "tgt"):
-            out._full[side] = [_merge_classed(a, b) for a, b in zip(self._full[side], other._full[side])]
+            out._full[side] = [a.merge(b) for a, b in zip(self._full[side], other._full[side])]
             if self._sidx:
-                out._bulk[side] = _merge_classed(self._bulk[side], other._bulk[side])
+                out._bulk[side] = self._bulk[side].merge(other._bulk[side])
+            out._csum[side] = self._csum[side] + other._csum[side]
+            out._ccount[side] = self._ccount[side] + other._ccount[side]
         out._flags = list(self._flags) + list(other._flags)
         out._cos_sum = self._cos_sum + other._cos_sum
         out._cos_n = self._cos_n + other._cos_n
@@ -594,11 +612,19 @@ class CorpusAnalysis:
         return out
 
     # ------------------------------------------------------------------ finish
-    def _classed(self, side: str, j: int) -> ClassedStats:
+    def _scope_stats(self, side: str, j: int) -> DimStats:
         k = self.layers[j]
         if k in self.primary:
             return self._full[side][self.primary.index(k)]
-        return _slice_classed(self._bulk[side], self._sidx.index(j), self.dim)
+        return _slice_stats(self._bulk[side], self._sidx.index(j), self.dim)
+
+    def _classes(self, side: str, j: int) -> dict[str, tuple[int, torch.Tensor]]:
+        out = {}
+        for c in TokenClass:
+            n = int(self._ccount[side][c])
+            mean = self._csum[side][c, j] / n if n else torch.full((self.dim,), math.nan, dtype=_F64)
+            out[c.name.lower()] = (n, mean)
+        return out
 
     def finish(self, reference_model: str = "reference", target_model: str = "target") -> AnalysisResult:
         """Compare the accumulated statistics (the analysis itself stays usable: more prompts may follow)."""
@@ -613,8 +639,8 @@ class CorpusAnalysis:
             sens_base = g.abs() * torch.linalg.vector_norm(w, dim=0)
         results: dict[int, LayerResult] = {}
         for j, k in enumerate(self.layers):
-            rc, tc = self._classed("ref", j), self._classed("tgt", j)
-            rs, ts = rc.scope(self.scope), tc.scope(self.scope)
+            rs, ts = self._scope_stats("ref", j), self._scope_stats("tgt", j)
+            rc, tc = self._classes("ref", j), self._classes("tgt", j)
             for name, st in (("reference", rs), ("target", ts)):
                 if st.count < 2:
                     raise ValueError(
@@ -652,8 +678,8 @@ class CorpusAnalysis:
         if not int(self._cos_n[self._pidx[0]]):
             warnings.append("no aligned tokens were found: the cosine (and the verdict) is n/a")
         warnings.extend(self._notes)
-        counts = {"reference": self._classed("ref", self._pidx[0]).counts(),
-                  "target": self._classed("tgt", self._pidx[0]).counts()}
+        counts = {name: {c.name.lower(): int(self._ccount[side][c]) for c in TokenClass}
+                  for name, side in (("reference", "ref"), ("target", "tgt"))}
         return AnalysisResult(
             layers=list(self.layers), results=results, report_layer=self.primary[0], scope=self.scope,
             thresholds=th, prompt_count=self._prompts, class_counts=counts, warnings=warnings,

@@ -126,7 +126,9 @@ def test_sweep_equals_per_layer_single_runs():
         assert got.comparison.outliers == one.comparison.outliers
         assert (got.consistent, got.prompt_specific) == (one.consistent, one.prompt_specific)
         assert got.cosine == pytest.approx(one.cosine, rel=1e-12)
-        assert got.reference_classes.counts() == one.reference_classes.counts()
+        for name, (n, mean) in got.reference_classes.items():
+            assert n == one.reference_classes[name][0]
+            torch.testing.assert_close(mean, one.reference_classes[name][1], rtol=1e-12, atol=1e-12, equal_nan=True)
         st = sweep.fix_table(k)
         assert st.meta.layer == k
         assert ("reference_p50" in st.extras) == (k == -2)  # percentiles only for the primary layer
