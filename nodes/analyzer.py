@@ -4,7 +4,8 @@ The node only encodes and feeds :class:`dimfix.analysis.CorpusAnalysis`. Each pr
 way ``CLIPTextEncode`` does it (``clip.tokenize(text)`` — the Z-Image chat template — then the
 encoder's forward), but the encoder is asked for HF ``hidden_states`` layers directly (one layer,
 or every layer at once for a sweep): one forward per prompt and encoder, whatever the layer count.
-A ``CLIP Set Last Layer`` upstream is therefore ignored: the ``layer`` widget decides.
+A ``CLIP Set Last Layer`` upstream is therefore ignored: the ``layer`` widget decides. LoRA patches
+on the encoders apply as usual (``clip.load_model()``); scheduled CLIP hooks are not evaluated.
 """
 
 from __future__ import annotations
@@ -110,12 +111,26 @@ def _model_name(clip, socket: str) -> str:
         return named
     inner = _inner(clip, socket)
     transformer = getattr(inner, "transformer", None)
-    width = None
+    shape = None
     try:
-        width = int(transformer.get_input_embeddings().weight.shape[-1])
-    except (AttributeError, TypeError, IndexError):
+        shape = tuple(transformer.get_input_embeddings().weight.shape)
+    except (AttributeError, TypeError):
         pass
-    return f"{type(transformer).__name__} ({inner.num_layers} layers" + (f", width {width})" if width else ")")
+    detail = f", vocab {shape[0]}, width {shape[1]}" if shape and len(shape) == 2 else ""
+    return f"{type(transformer).__name__} ({inner.num_layers} layers{detail})"
+
+
+def _distinct(names: tuple[str, str]) -> tuple[str, str]:
+    return names if names[0] != names[1] else (f"{names[0]} [reference]", f"{names[1]} [target]")
+
+
+def _cond_name(cond, default: str) -> str:
+    """The ``dimfix_model`` entry a pack node may have recorded in the CONDITIONING, else ``default``."""
+    try:
+        name = cond[0][1].get("dimfix_model")
+    except (IndexError, KeyError, TypeError, AttributeError):
+        name = None
+    return str(name) if name else default
 
 
 def cap_embedder_weights(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
@@ -294,7 +309,8 @@ class DimensionAnalyzer(io.ComfyNode):
                         raise ValueError(f"{NODE}: '{name}' sequence {i} contains {bad} NaN/Inf value(s)")
                 an.add_prompt(r.unsqueeze(0), t.unsqueeze(0), r_lab, t_lab, prompt=f"conditioning {i}")
                 pbar.update(1)
-            names = ("reference conditioning", "target conditioning")
+            names = (_cond_name(reference_conditioning, "reference conditioning"),
+                     _cond_name(target_conditioning, "target conditioning"))
             template = ""
         else:
             if reference is None or target is None:
@@ -335,6 +351,7 @@ class DimensionAnalyzer(io.ComfyNode):
             names = (_model_name(reference, "reference"), _model_name(target, "target"))
             template = ZIMAGE_TEMPLATE
 
+        names = _distinct(names)
         result = an.finish(reference_model=names[0], target_model=names[1])
         table = result.fix_table(template=template)
         report = result.report_markdown()

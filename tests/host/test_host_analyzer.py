@@ -138,6 +138,7 @@ def test_table_equals_core_stats_on_stock_conditioning(node, pack, clips, captur
     assert torch.equal(table.extras["target_p99"], tgt.percentiles([99.0])[99.0].float())
     assert table.meta.layer == -2 and table.meta.prompt_count == len(PROMPTS)
     assert table.meta.template == core.tokens.ZIMAGE_TEMPLATE
+    assert "vocab 151936" in table.meta.reference_model and "vocab 151665" in table.meta.target_model
     comp = core.compare.compare(ref, tgt)
     res = capture[-1].result()
     assert res.comparison.outliers == comp.outliers and res.comparison.std_pearson == comp.std_pearson
