@@ -490,7 +490,7 @@ class CorpusAnalysis:
         if bad:
             raise ValueError(f"add_prompt: {name}_hidden of prompt #{self._prompts} contains {bad} NaN/Inf value(s) "
                              "(fp16 overflow? encode in bf16 or fp32); nothing from this prompt was recorded")
-        return hidden
+        return hidden.detach().cpu()  # a no-op for CPU tensors; all statistics live on the CPU
 
     def _update(self, side: str, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
         if bool(mask.any()):

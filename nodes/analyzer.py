@@ -226,7 +226,8 @@ class DimensionAnalyzer(io.ComfyNode):
                 io.Conditioning.Input("reference_conditioning", optional=True,
                                       tooltip="Optional: reference conditionings produced elsewhere (one per prompt, "
                                               "[batch, tokens, width]); used with 'target_conditioning' instead of "
-                                              "the encoders and prompts."),
+                                              "the encoders and prompts. Token classes are assumed from the Z-Image "
+                                              "template by position."),
                 io.Conditioning.Input("target_conditioning", optional=True,
                                       tooltip="Optional: target conditionings paired entry by entry with "
                                               "'reference_conditioning' (e.g. from a VL encoder)."),

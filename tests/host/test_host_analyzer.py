@@ -321,6 +321,12 @@ def test_bad_inputs_give_clear_errors(node, clips):
         run(node, reference_conditioning=cond, target_conditioning=cond, sweep_all_layers=True)
 
 
+def test_empty_prompts_use_the_default_corpus(node, pack, clips, fast_plots):
+    ref_clip, tgt_clip = clips
+    table = run(node, reference=ref_clip, target=tgt_clip, prompts="  \n\n").args[0]
+    assert table.meta.prompt_count == len(pack.core.corpus.load_default_corpus().prompts) > 50
+
+
 def test_fingerprint_covers_widgets(node):
     a = node.fingerprint_inputs(prompts="x", layer=-2, reference=None)
     assert a == node.fingerprint_inputs(prompts="x", layer=-2, reference=None)
