@@ -442,7 +442,7 @@ class CorpusAnalysis:
         self._prompt_cos: list[tuple[int, str, float]] = []
         self._notes: list[str] = []
         self._prompts = 0
-        self._dit: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float] | None = None
+        self._dit: dit_mod.CapEmbedder | None = None
 
     # ------------------------------------------------------------------ setup
     def set_dit(self, gain: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -451,14 +451,14 @@ class CorpusAnalysis:
 
         Must be called before the first prompt when the caption-space cosine is wanted.
         """
-        g, w, b, e = dit_mod.check_cap_weights(gain, weight, bias, eps)
-        if g.shape[0] != self.dim:
-            raise ValueError(f"set_dit: the caption embedder takes {g.shape[0]}-dim input but the encoders have "
+        cap = dit_mod.CapEmbedder.from_weights(gain, weight, bias, eps)
+        if cap.in_dim != self.dim:
+            raise ValueError(f"set_dit: the caption embedder takes {cap.in_dim}-dim input but the encoders have "
                              f"{self.dim} dims (is this the Z-Image model for this text encoder?)")
         if self._prompts:
             self._notes.append("DiT weights were set after the first prompt: the caption-space cosine covers "
                                "only later prompts")
-        self._dit = (g, w, b, e)
+        self._dit = cap
 
     @property
     def prompt_count(self) -> int:
@@ -560,10 +560,9 @@ class CorpusAnalysis:
             if int(cos_n[j0]):
                 prompt_cos = float(cos_sum[j0] / cos_n[j0])
             if self._dit is not None:
-                g, w, b, e = self._dit
                 for i, j in enumerate(self._pidx):
-                    fa = dit_mod._features64(ref[j, :n][aligned], g, w, b, e)
-                    fb = dit_mod._features64(tgt[j, :n][aligned], g, w, b, e)
+                    fa = self._dit.features(ref[j, :n][aligned])
+                    fb = self._dit.features(tgt[j, :n][aligned])
                     cc = dit_mod.token_cosine64(fa, fb)
                     okc = torch.isfinite(cc)
                     cap_sum[i] = cc[okc].sum()
@@ -633,10 +632,6 @@ class CorpusAnalysis:
         th = self.thresholds
         warnings: list[str] = []
         flags = torch.stack(self._flags) if self._flags else None  # [P, L, D]
-        sens_base = None
-        if self._dit is not None:
-            g, w, _, _ = self._dit
-            sens_base = g.abs() * torch.linalg.vector_norm(w, dim=0)
         results: dict[int, LayerResult] = {}
         for j, k in enumerate(self.layers):
             rs, ts = self._scope_stats("ref", j), self._scope_stats("tgt", j)
@@ -659,8 +654,8 @@ class CorpusAnalysis:
                 consistent=consistent, prompt_specific=specific, frequency=freq,
                 flag_prompts=0 if flags is None else int(flags.shape[0]), cosine=cos, cosine_tokens=n_cos,
                 verdict=verdict(cos, comp.std_pearson, comp.mean_pearson, len(comp.outliers)))
-            if sens_base is not None:
-                sens = (sens_base * comp.sigma_ref.to(_F64)).float()
+            if self._dit is not None:
+                sens = self._dit.sensitivity(sigma_ref=comp.sigma_ref)
                 res.sensitivity = sens
                 res.dit_ranking = dit_mod.rank_dims(sens, comp.log_ratio, top=_TOP_ROWS)
                 if k in self.primary:
@@ -684,4 +679,4 @@ class CorpusAnalysis:
             layers=list(self.layers), results=results, report_layer=self.primary[0], scope=self.scope,
             thresholds=th, prompt_count=self._prompts, class_counts=counts, warnings=warnings,
             prompt_cosines=list(self._prompt_cos), reference_model=str(reference_model),
-            target_model=str(target_model), dit_eps=None if self._dit is None else self._dit[3])
+            target_model=str(target_model), dit_eps=None if self._dit is None else self._dit.eps)

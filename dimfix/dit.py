@@ -22,12 +22,13 @@ inputs are never modified. Results are float32 unless stated otherwise.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["cap_sensitivity", "rank_dims", "cap_features", "caption_space_cosine", "check_cap_weights",
-           "token_cosine64"]
+__all__ = ["CapEmbedder", "cap_sensitivity", "rank_dims", "cap_features", "caption_space_cosine",
+           "check_cap_weights", "token_cosine64"]
 
 _F64 = torch.float64
 
@@ -67,6 +68,33 @@ def check_cap_weights(gain: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
         if t is not None and not torch.isfinite(t).all():
             raise ValueError(f"{name} contains {int((~torch.isfinite(t)).sum())} NaN/Inf value(s)")
     return g, w, b, eps
+
+
+@dataclass(frozen=True)
+class CapEmbedder:
+    """Validated float64 CPU copies of a caption embedder's weights (build with :meth:`from_weights`)."""
+
+    gain: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+
+    @classmethod
+    def from_weights(cls, gain: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     eps: float | None = 1e-5) -> "CapEmbedder":
+        return cls(*check_cap_weights(gain, weight, bias, eps))
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.gain.shape[0])
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``Linear(RMSNorm(x))`` for ``x`` ``[..., D]``, float64 (a new tensor; ``x`` is only read)."""
+        return _features64(x, self.gain, self.weight, self.bias, self.eps)
+
+    def sensitivity(self, sigma_ref: torch.Tensor | None = None) -> torch.Tensor:
+        """:func:`cap_sensitivity` of these weights (float32 ``[D]``)."""
+        return cap_sensitivity(self.gain, self.weight, sigma_ref)
 
 
 def cap_sensitivity(gain: torch.Tensor, weight: torch.Tensor, sigma_ref: torch.Tensor | None = None) -> torch.Tensor:

@@ -139,3 +139,15 @@ def test_caption_space_cosine_errors():
         dit.cap_features(torch.ones(2, 4), torch.ones(3), torch.ones(2, 3))
     with pytest.raises(ValueError, match="bias"):
         dit.cap_features(torch.ones(2, 3), torch.ones(3), torch.ones(2, 3), torch.ones(3))
+
+
+def test_cap_embedder_object_matches_functions():
+    norm, lin = _modules(d=6, dim=4, eps=1e-5, seed=2)
+    cap = dit.CapEmbedder.from_weights(norm.weight.float(), lin.weight.float(), lin.bias.float(), eps=1e-5)
+    assert cap.in_dim == 6 and cap.weight.dtype == torch.float64
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(cap.features(x), dit.cap_features(x, norm.weight.float(), lin.weight.float(),
+                                                                 lin.bias.float(), 1e-5, dtype=torch.float64))
+    assert torch.equal(cap.sensitivity(), dit.cap_sensitivity(norm.weight.float(), lin.weight.float()))
+    eps_default = dit.CapEmbedder.from_weights(torch.ones(2), torch.ones(1, 2), eps=None).eps
+    assert eps_default == torch.finfo(torch.float32).eps  # like torch.nn.RMSNorm(eps=None)
