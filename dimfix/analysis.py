@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from . import dit as dit_mod
-from .compare import Comparison, Verdict, compare, consistency, pearson, verdict
+from .compare import Comparison, Verdict, compare, consistency, verdict
 from .config import Thresholds
 from .fixtable import PERCENTILES, FixTable, FixTableMeta, percentile_name, utc_now_iso
 from .stats import DEFAULT_SAMPLE_ROWS, DimStats
@@ -290,7 +290,8 @@ class AnalysisResult:
                 f"reference-only {_listing(c.hyper_reference_only)}; shared {_listing(c.hyper_shared)}.", ""]
 
         out += ["## Most different dimensions", "",
-                "| Dim | σ_ref | σ_tgt | Ratio | μ_ref | μ_tgt | Flagged in prompts |", "|---|---|---|---|---|---|---|"]
+                "| Dim | σ_ref | σ_tgt | Ratio | μ_ref | μ_tgt | Flagged in prompts |",
+                "|---|---|---|---|---|---|---|"]
         for row in c.top(_TOP_ROWS):
             d = row["dim"]
             freq = f"{100 * float(res.frequency[d]):.0f}%" if res.flag_prompts else "n/a"
@@ -479,7 +480,8 @@ class CorpusAnalysis:
             raise ValueError(f"add_prompt: {name}_labels must be an int64 tensor [T] with T = {hidden.shape[1]} "
                              f"(dimfix.tokens.classify_ids / classify_positions)")
         if labels.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"add_prompt: {name}_labels must be an int64 tensor of TokenClass values, got {labels.dtype}")
+            raise TypeError(f"add_prompt: {name}_labels must be an int64 tensor of TokenClass values, "
+                            f"got {labels.dtype}")
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(TokenClass)):
             valid = {int(c) for c in TokenClass}
             unknown = sorted(set(torch.unique(labels).tolist()) - valid)
@@ -669,7 +671,8 @@ class CorpusAnalysis:
                 warnings.append(f"only {count} {self.scope!r} tokens for the {name} (fewer than {th.min_tokens}): "
                                 "per-dim σ, ratios and outlier lists are noisy; add prompts")
         if flags is None:
-            warnings.append("no prompt had ≥ 2 scope tokens on both sides: the consistent/prompt-specific split is empty")
+            warnings.append("no prompt had ≥ 2 scope tokens on both sides: "
+                            "the consistent/prompt-specific split is empty")
         if not int(self._cos_n[self._pidx[0]]):
             warnings.append("no aligned tokens were found: the cosine (and the verdict) is n/a")
         warnings.extend(self._notes)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import re
 
@@ -24,7 +23,7 @@ from ..dimfix.config import Thresholds
 from ..dimfix.corpus import default_corpus_path, load_default_corpus, parse_corpus
 from ..dimfix.fixtable import save_fix_table
 from ..dimfix.plots import to_image_batch
-from ..dimfix.tokens import ZIMAGE_TEMPLATE, TokenClass, classify_ids, classify_positions
+from ..dimfix.tokens import ZIMAGE_TEMPLATE, classify_ids, classify_positions
 from .common import CATEGORY, FIX_TABLES_FOLDER, FixTableSocket, register_fix_tables_folder
 
 log = logging.getLogger(__name__)
@@ -162,9 +161,11 @@ def _cond_items(cond, socket: str) -> list[torch.Tensor]:
         t = entry[0]
         if t.dim() == 4:
             raise ValueError(f"{NODE}: '{socket}' entry {i} has shape {tuple(t.shape)} (4-D: several layers); "
-                             "select one layer first (e.g. with Hidden Layer Select) — expected [batch, tokens, width]")
+                             "select one layer first (e.g. with Hidden Layer Select) -- expected "
+                             "[batch, tokens, width]")
         if t.dim() != 3:
-            raise ValueError(f"{NODE}: '{socket}' entry {i} has shape {tuple(t.shape)}; expected [batch, tokens, width]")
+            raise ValueError(f"{NODE}: '{socket}' entry {i} has shape {tuple(t.shape)}; "
+                             "expected [batch, tokens, width]")
         mask = entry[1].get("attention_mask") if len(entry) > 1 and isinstance(entry[1], dict) else None
         for b in range(t.shape[0]):
             x = t[b]
@@ -216,7 +217,8 @@ class DimensionAnalyzer(io.ComfyNode):
                 io.Float.Input("dead_threshold", default=0.01, min=0.0, max=100.0, step=0.001,
                                tooltip="A dim is dead when its σ is below this value."),
                 io.Float.Input("hyper_multiplier", default=5.0, min=1.0, max=1000.0, step=0.5,
-                               tooltip="A dim is hyperactive when its σ exceeds this multiple of the model's median σ."),
+                               tooltip="A dim is hyperactive when its σ exceeds this multiple of the model's "
+                                       "median σ."),
                 io.Combo.Input("token_scope", options=list(SCOPES), default="content",
                                tooltip="Tokens the statistics cover: content = the prompt's own tokens (default); "
                                        "no_sink = all but position 0 and an appended EOS; all = every token."),

@@ -1,4 +1,3 @@
-import math
 
 import numpy as np
 import pytest
@@ -6,7 +5,7 @@ import torch
 
 from dimfix import dit
 from dimfix.analysis import CorpusAnalysis
-from dimfix.compare import compare, outlier_flags, per_token_cosine
+from dimfix.compare import outlier_flags, per_token_cosine
 from dimfix.config import Thresholds
 from dimfix.fixtable import load_fix_table, save_fix_table
 from dimfix.stats import DimStats
