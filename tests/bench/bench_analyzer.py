@@ -152,8 +152,10 @@ def main() -> int:
         return out
 
     run(False, False)  # warm-up (tokenizer, allocator)
-    singles = [run(False, False) for _ in range(opts.repeat)]
-    sweeps = [run(True, False) for _ in range(opts.repeat)]
+    singles, sweeps = [], []
+    for _ in range(opts.repeat):  # interleaved, so load changes on a shared machine hit both alike
+        singles.append(run(False, False))
+        sweeps.append(run(True, False))
     with_plots = [run(False, True) for _ in range(max(1, opts.repeat // 2))]
     analysis.AnalysisResult.plots = real_plots
 
