@@ -109,6 +109,27 @@ def test_consistency_split_consistent_vs_prompt_specific():
         assert bool(flags[3]) and flags.sum() >= 1
 
 
+def test_per_prompt_flags_follow_the_compare_ratio_rule():
+    from dimfix.analysis import _ratio_flags, _std_tokens
+    from dimfix.compare import std_ratio
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 9, 40, generator=gen, dtype=torch.float64) * torch.rand(40, generator=gen, dtype=torch.float64)
+    s = _std_tokens(x.float())
+    for j in range(3):
+        direct = DimStats(40)
+        direct.update(x[j].float())
+        torch.testing.assert_close(s[j], direct.std(), rtol=1e-12, atol=0)
+    s_ref = torch.rand(2, 41, generator=gen, dtype=torch.float64) + 0.1
+    s_tgt = s_ref * torch.tensor([3.0001, 2.9999, 1 / 3.0001, 1 / 2.9999, 1.0] * 8 + [50.0], dtype=torch.float64)
+    s_ref[1, 7] = 0.0  # a zero reference σ: finite ratio through the relative epsilon
+    flags = _ratio_flags(s_ref, s_tgt, Thresholds())
+    for j in range(2):
+        r = std_ratio(s_tgt[j], s_ref[j])
+        assert torch.equal(flags[j], (r > 3.0) | (r < 1 / 3.0))
+    assert flags[0, :5].tolist() == [True, False, True, False, False]
+
+
 def test_sweep_equals_per_layer_single_runs():
     corpus = _corpus(n_prompts=5, layers=3, scale_dims=(2,), once_dims=(9,), seed=4)
     sweep = _run(corpus, layers=[-3, -2, -1], primary_layers=[-2]).finish()
