@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 from .analyzer import DimensionAnalyzer
 from .blend import EmbeddingBlend
 from .fix import EmbeddingDimensionFix
+from .grid import ComparisonGrid
 from .layers import HiddenLayerSelect
 from .loader import Qwen3EmbeddingLoader
 
@@ -16,6 +17,7 @@ NODES: list[type[io.ComfyNode]] = [
     DimensionAnalyzer,
     EmbeddingDimensionFix,
     EmbeddingBlend,
+    ComparisonGrid,
 ]
 
 
