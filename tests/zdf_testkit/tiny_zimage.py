@@ -20,7 +20,6 @@ lazily inside the functions that patch ComfyUI), so the module imports without C
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
+
+from . import tiny_qwen3
 
 __all__ = [
     "DIT_DIM", "DIT_HEADS", "DIT_LAYERS", "CAP_FEAT_DIM", "HEAD_DIM", "ZIMAGE_AXES_DIMS",
@@ -341,35 +342,6 @@ def save_safetensors(sd: dict[str, torch.Tensor], path: str | os.PathLike, metad
     return path
 
 
-def _tiny_qwen3_state_dict(seed: int, hidden: int, vocab: int, prefix: str = "model.") -> dict[str, torch.Tensor]:
-    """A tiny random Qwen3 (1 q / 1 kv head of 128, ``TE_LAYERS`` layers) — used only when
-    ``zdf_testkit.tiny_qwen3`` is unavailable."""
-    g = torch.Generator().manual_seed(int(seed))
-
-    def r(*shape: int, scale: float = 0.05) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * scale
-
-    sd = {f"{prefix}embed_tokens.weight": r(vocab, hidden, scale=1.0), f"{prefix}norm.weight": 1 + r(hidden)}
-    for i in range(TE_LAYERS):
-        p = f"{prefix}layers.{i}."
-        sd.update({p + "input_layernorm.weight": 1 + r(hidden), p + "post_attention_layernorm.weight": 1 + r(hidden),
-                   p + "self_attn.q_proj.weight": r(HEAD_DIM, hidden), p + "self_attn.k_proj.weight": r(HEAD_DIM, hidden),
-                   p + "self_attn.v_proj.weight": r(HEAD_DIM, hidden), p + "self_attn.o_proj.weight": r(hidden, HEAD_DIM),
-                   p + "self_attn.q_norm.weight": 1 + r(HEAD_DIM), p + "self_attn.k_norm.weight": 1 + r(HEAD_DIM),
-                   p + "mlp.gate_proj.weight": r(TE_INTERMEDIATE, hidden),
-                   p + "mlp.up_proj.weight": r(TE_INTERMEDIATE, hidden),
-                   p + "mlp.down_proj.weight": r(hidden, TE_INTERMEDIATE)})
-    return sd
-
-
-def _hf_config(hidden: int, vocab: int) -> dict:
-    return {"architectures": ["Qwen3Model"], "model_type": "qwen3", "hidden_size": hidden,
-            "intermediate_size": TE_INTERMEDIATE, "num_hidden_layers": TE_LAYERS, "num_attention_heads": 1,
-            "num_key_value_heads": 1, "head_dim": HEAD_DIM, "vocab_size": vocab, "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0, "max_position_embeddings": 40960, "hidden_act": "silu",
-            "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
-
-
 @dataclass(frozen=True)
 class TinyModels:
     """Where :func:`write_tiny_models` put each file, and the names the model-folder combos list."""
@@ -388,7 +360,7 @@ def write_tiny_models(models_dir: str | os.PathLike, cap_feat_dim: int = CAP_FEA
     - ``diffusion_models/tiny_zimage.safetensors``: tiny Z-Image DiT (bf16) consuming ``cap_feat_dim``;
     - ``vae/tiny_taesd16.safetensors``: 16-channel TAESD;
     - ``text_encoders/tiny_qwen3.safetensors``: the "reference" encoder, Qwen3-4B layout with ComfyUI keys
-      (``model.`` prefix, vocab 151936), width ``cap_feat_dim``, bf16;
+      (``model.`` prefix, vocab 151936), width ``cap_feat_dim``, 4 layers, bf16 (``zdf_testkit.tiny_qwen3``);
     - ``text_encoders/tiny_qwen3_embedding/``: the "substitute" encoder as a Hugging Face folder
       (``config.json`` + ``model.safetensors``) in Qwen3-Embedding's flat key layout (no ``model.``
       prefix), vocab 151665, another seed.
@@ -401,23 +373,18 @@ def write_tiny_models(models_dir: str | os.PathLike, cap_feat_dim: int = CAP_FEA
                            models_dir / "diffusion_models" / TINY_DIT_FILE)
     vae = save_safetensors(make_tiny_taesd16_state_dict(seed=seed), models_dir / "vae" / TINY_VAE_FILE)
     te_dir = models_dir / "text_encoders"
-    ref, sub = _tiny_encoders(cap_feat_dim, seed)
-    te = save_safetensors(ref, te_dir / TINY_TE_FILE)
-    sub_dir = te_dir / TINY_SUBSTITUTE_DIR
-    save_safetensors(sub, sub_dir / "model.safetensors", metadata={"format": "pt"})
-    tmp = sub_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(_hf_config(cap_feat_dim, SUBSTITUTE_VOCAB), indent=2), encoding="utf-8")
-    os.replace(tmp, sub_dir / "config.json")
+    ref_cfg = tiny_qwen3.tiny_config(hidden=cap_feat_dim, layers=TE_LAYERS, intermediate=TE_INTERMEDIATE,
+                                     vocab=TE_VOCAB)
+    sub_cfg = tiny_qwen3.tiny_config(hidden=cap_feat_dim, layers=TE_LAYERS, intermediate=TE_INTERMEDIATE,
+                                     vocab=SUBSTITUTE_VOCAB)
+    sub_cfg["torch_dtype"] = "bfloat16"
+    te = tiny_qwen3.save_single_file(tiny_qwen3.make_state_dict(ref_cfg, seed=seed + 101, dtype=torch.bfloat16),
+                                     te_dir / TINY_TE_FILE)
+    sub_dir = tiny_qwen3.save_hf_folder(tiny_qwen3.make_state_dict(sub_cfg, seed=seed + 202, dtype=torch.bfloat16),
+                                        sub_cfg, te_dir / TINY_SUBSTITUTE_DIR, flat=True)
     return TinyModels(models_dir, dit, vae, te, sub_dir,
                       names={"dit": TINY_DIT_FILE, "vae": TINY_VAE_FILE, "te": TINY_TE_FILE,
                              "substitute": TINY_SUBSTITUTE_DIR})
-
-
-def _tiny_encoders(hidden: int, seed: int) -> tuple[dict, dict]:
-    """(reference in ComfyUI keys, substitute in flat HF keys), bf16."""
-    ref = _tiny_qwen3_state_dict(seed + 101, hidden, TE_VOCAB, prefix="model.")
-    sub = _tiny_qwen3_state_dict(seed + 202, hidden, SUBSTITUTE_VOCAB, prefix="")
-    return ({k: v.to(torch.bfloat16) for k, v in ref.items()}, {k: v.to(torch.bfloat16) for k, v in sub.items()})
 
 
 def iter_tiny_files(models: TinyModels) -> Iterator[Path]:
@@ -431,7 +398,7 @@ PATCH_NODE_NAME = "zdf_test_patch"
 
 
 def install_test_patch_node(custom_nodes_dir: str | os.PathLike, name: str = PATCH_NODE_NAME) -> Path:
-    """Copy the TEST-ONLY patch node (plus this module) to ``custom_nodes_dir/name``; returns the folder.
+    """Copy the TEST-ONLY patch node (plus this module and ``tiny_qwen3``) to ``custom_nodes_dir/name``; returns the folder.
 
     A ComfyUI server started with that ``custom_nodes`` folder installs :func:`install_tiny_detection_patch`
     at start-up. Custom nodes load in alphabetical order of their folder names, all before any prompt runs.
@@ -441,7 +408,9 @@ def install_test_patch_node(custom_nodes_dir: str | os.PathLike, name: str = PAT
     dest = Path(custom_nodes_dir) / name
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(PATCH_NODE_DIR / "__init__.py", dest / "__init__.py")
-    shutil.copyfile(Path(__file__).resolve(), dest / "tiny_zimage.py")
+    here = Path(__file__).resolve().parent
+    for fname in ("tiny_zimage.py", "tiny_qwen3.py"):
+        shutil.copyfile(here / fname, dest / fname)
     return dest
 
 

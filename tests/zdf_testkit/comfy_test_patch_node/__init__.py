@@ -7,7 +7,7 @@ tiny Z-Image DiTs and tiny Qwen3 text encoders loadable by the stock loader node
 registered (an empty ``NODE_CLASS_MAPPINGS`` counts as a successful import).
 """
 
-from .tiny_zimage import install_tiny_detection_patch
+from .tiny_zimage import install_tiny_detection_patch  # copied beside this file with tiny_qwen3.py
 
 install_tiny_detection_patch()
 
