@@ -1,0 +1,258 @@
+"""Bundled workflows: both formats parse, pair up, and agree with each other and with the node specs.
+
+No ComfyUI needed: node layouts come from the checked-in specs table
+(``tests/zdf_testkit/workflow_node_specs.json``, verified against a live ComfyUI in the host tier).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from zdf_testkit.workflow_specs import FRONTEND_ONLY, load_specs, socket_inputs, widget_count, widget_names
+
+ROOT = Path(__file__).resolve().parents[2]
+WF = ROOT / "workflows"
+API = WF / "api"
+SPECS = load_specs()
+PACK_CNR = "zimage-dimfix"
+STEMS = sorted(p.stem for p in WF.glob("*.json"))
+EXPECTED_STEMS = ["zimage_dimfix_analyze", "zimage_dimfix_blend", "zimage_dimfix_fix_comparison_grid",
+                  "zimage_dimfix_layer_select"]
+LOADER_FOLDERS = {"UNETLoader": ("unet_name", "diffusion_models"), "CLIPLoader": ("clip_name", "text_encoders"),
+                  "VAELoader": ("vae_name", "vae")}
+#: widgets_values length per node type, written out by hand (+1 after each control_after_generate widget).
+EXPECTED_WIDGET_COUNTS = {
+    "UNETLoader": 2, "ModelSamplingAuraFlow": 1, "CLIPLoader": 3, "VAELoader": 1, "CLIPTextEncode": 1,
+    "ConditioningZeroOut": 0, "EmptySD3LatentImage": 3, "KSampler": 7, "VAEDecode": 0, "SaveImage": 1,
+    "PreviewAny": 0, "PrimitiveInt": 2, "PrimitiveStringMultiline": 1, "MarkdownNote": 1, "Note": 1,
+    "DimFixQwen3EmbeddingLoader": 3, "DimFixHiddenLayerSelect": 1, "DimFixDimensionAnalyzer": 9,
+    "DimFixEmbeddingDimensionFix": 7, "DimFixEmbeddingBlend": 5, "DimFixComparisonGrid": 5,
+}
+
+
+def pack_version() -> str:
+    return re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(), flags=re.M).group(1)
+
+
+def load(stem: str) -> tuple[dict, dict]:
+    return (json.loads((WF / f"{stem}.json").read_text(encoding="utf-8")),
+            json.loads((API / f"{stem}.json").read_text(encoding="utf-8")))
+
+
+def is_link(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], int)
+
+
+def types_match(out_type: str, in_type: str) -> bool:
+    return in_type == "*" or out_type == in_type
+
+
+# ------------------------------------------------------------------------------------------- files
+def test_expected_workflows_and_api_twins_exist():
+    assert STEMS == EXPECTED_STEMS
+    assert sorted(p.stem for p in API.glob("*.json")) == EXPECTED_STEMS
+
+
+def test_widget_count_table_matches_specs():
+    assert set(EXPECTED_WIDGET_COUNTS) == set(SPECS)
+    for name, spec in SPECS.items():
+        assert widget_count(spec) == EXPECTED_WIDGET_COUNTS[name], name
+
+
+@pytest.mark.parametrize("stem", EXPECTED_STEMS)
+def test_files_equal_the_generator_output(stem):
+    """The JSON files are generated (tests/zdf_testkit/build_workflows.py); hand edits would drift."""
+    from zdf_testkit.build_workflows import WORKFLOW_BUILDERS
+
+    g = WORKFLOW_BUILDERS[stem](SPECS)
+    assert load(stem) == (g.ui(), g.api())
+
+
+# ------------------------------------------------------------------------------------------- UI format
+@pytest.mark.parametrize("stem", EXPECTED_STEMS)
+def test_ui_structure_and_links(stem):
+    ui, _ = load(stem)
+    for key in ("id", "revision", "last_node_id", "last_link_id", "nodes", "links", "groups", "definitions",
+                "config", "extra", "version"):
+        assert key in ui, key
+    assert ui["version"] == 0.4
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert len(nodes) == len(ui["nodes"]) and ui["last_node_id"] >= max(nodes)
+    links = {ln[0]: ln for ln in ui["links"]}
+    assert len(links) == len(ui["links"]) and ui["last_link_id"] >= max(links)
+    for link_id, src, src_slot, dst, dst_slot, type_ in ui["links"]:
+        out = nodes[src]["outputs"][src_slot]
+        inp = nodes[dst]["inputs"][dst_slot]
+        assert link_id in out["links"] and inp["link"] == link_id
+        assert type_ == out["type"] and types_match(type_, inp["type"]), (stem, link_id)
+    # every reference to a link from a node is a real link, pointing back at that node
+    for n in ui["nodes"]:
+        for k, inp in enumerate(n["inputs"]):
+            if inp["link"] is not None:
+                assert links[inp["link"]][3:5] == [n["id"], k]
+        for k, out in enumerate(n["outputs"]):
+            assert out.get("slot_index", k) == k
+            for lid in out["links"] or []:
+                assert links[lid][1:3] == [n["id"], k]
+    orders = sorted(n["order"] for n in ui["nodes"])
+    assert orders == list(range(len(nodes)))
+    for link_id, src, _, dst, _, _ in ui["links"]:
+        assert nodes[src]["order"] < nodes[dst]["order"]
+
+
+@pytest.mark.parametrize("stem", EXPECTED_STEMS)
+def test_ui_nodes_match_specs(stem):
+    ui, _ = load(stem)
+    version = pack_version()
+    for n in ui["nodes"]:
+        spec = SPECS[n["type"]]
+        assert len(n["widgets_values"]) == EXPECTED_WIDGET_COUNTS[n["type"]], (stem, n["id"], n["type"])
+        sockets = [i["name"] for i in socket_inputs(spec)]
+        names = [i["name"] for i in n["inputs"]]
+        assert names[:len(sockets)] == sockets, (stem, n["id"])
+        for inp in n["inputs"][len(sockets):]:  # widgets driven by a link
+            assert inp["widget"]["name"] == inp["name"] and inp["name"] in widget_names(spec)
+            assert inp["link"] is not None
+        spec_types = {i["name"]: i["type"] for i in spec["inputs"]}
+        assert all(inp["type"] == spec_types[inp["name"]] for inp in n["inputs"])
+        assert [(o["name"], o["type"]) for o in n["outputs"]] == [(o["name"], o["type"]) for o in spec["outputs"]]
+        for i in spec["inputs"]:  # required sockets are connected
+            if not i["widget"] and not i["optional"]:
+                assert n["inputs"][names.index(i["name"])]["link"] is not None, (stem, n["id"], i["name"])
+        props = n["properties"]
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        assert props["Node name for S&R"] == n["type"]
+        if n["type"].startswith("DimFix"):
+            assert props["cnr_id"] == PACK_CNR and props["ver"] == version
+        else:
+            assert props["cnr_id"] == "comfy-core" and props["ver"]
+        if n["type"] in LOADER_FOLDERS:
+            widget, folder = LOADER_FOLDERS[n["type"]]
+            (model,) = props["models"]
+            assert model["name"] == n["widgets_values"][widget_names(spec).index(widget)]
+            assert model["directory"] == folder and model["url"].startswith("https://huggingface.co/")
+            assert model["url"].endswith("/" + model["name"])
+
+
+@pytest.mark.parametrize("stem", EXPECTED_STEMS)
+def test_ui_seed_widgets_have_control_values(stem):
+    ui, _ = load(stem)
+    for n in ui["nodes"]:
+        values = iter(n["widgets_values"])
+        for i in SPECS[n["type"]]["inputs"]:
+            if i["widget"]:
+                next(values)
+                if i.get("control"):
+                    assert next(values) in ("fixed", "increment", "decrement", "randomize")
+
+
+# ------------------------------------------------------------------------------------------- API format
+@pytest.mark.parametrize("stem", EXPECTED_STEMS)
+def test_api_graph_references_and_types(stem):
+    _, api = load(stem)
+    assert api and all(set(v) >= {"class_type", "inputs"} for v in api.values())
+    assert any(SPECS[v["class_type"]]["output_node"] for v in api.values())
+    for nid, node in api.items():
+        assert node["class_type"] not in FRONTEND_ONLY
+        spec = SPECS[node["class_type"]]
+        by_name = {i["name"]: i for i in spec["inputs"]}
+        assert set(node["inputs"]) <= set(by_name), (stem, nid)
+        for name, i in by_name.items():
+            if i["widget"] or not i["optional"]:
+                assert name in node["inputs"], (stem, nid, name)
+        for name, value in node["inputs"].items():
+            if is_link(value):
+                src = api[value[0]]
+                outputs = SPECS[src["class_type"]]["outputs"]
+                assert 0 <= value[1] < len(outputs)
+                assert types_match(outputs[value[1]]["type"], by_name[name]["type"]), (stem, nid, name)
+            else:
+                assert by_name[name]["widget"], (stem, nid, name)
+
+
+@pytest.mark.parametrize("stem", EXPECTED_STEMS)
+def test_ui_and_api_agree(stem):
+    ui, api = load(stem)
+    nodes = {n["id"]: n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY}
+    assert sorted(api, key=int) == [str(i) for i in sorted(nodes)]
+    links = {ln[0]: ln for ln in ui["links"]}
+    for nid, n in nodes.items():
+        a = api[str(nid)]
+        assert a["class_type"] == n["type"]
+        assert a["_meta"]["title"] == n.get("title", n["type"])
+        linked = {inp["name"]: links[inp["link"]] for inp in n["inputs"] if inp["link"] is not None}
+        for name, ln in linked.items():
+            assert a["inputs"][name] == [str(ln[1]), ln[2]], (stem, nid, name)
+        values = iter(n["widgets_values"])
+        for i in SPECS[n["type"]]["inputs"]:
+            if not i["widget"]:
+                continue
+            value = next(values)
+            if i.get("control"):
+                next(values)
+            if i["name"] not in linked:
+                assert a["inputs"][i["name"]] == value, (stem, nid, i["name"])
+        unlinked_sockets = [i["name"] for i in socket_inputs(SPECS[n["type"]]) if i["name"] not in linked]
+        assert not set(unlinked_sockets) & set(a["inputs"])
+
+
+# ------------------------------------------------------------------------------------------- content
+def test_fix_grid_workflow_compares_every_seed_mode_with_one_seed():
+    ui, api = load("zimage_dimfix_fix_comparison_grid")
+    by_class: dict[str, list[str]] = {}
+    for nid, node in api.items():
+        by_class.setdefault(node["class_type"], []).append(nid)
+    modes = [api[f]["inputs"]["mode"] for f in by_class["DimFixEmbeddingDimensionFix"]]
+    assert modes[:5] == ["none", "rescale", "mask", "clamp", "full"] and len(modes) == 6
+    assert all(api[f]["inputs"]["fix_table"][0] == by_class["DimFixDimensionAnalyzer"][0]
+               for f in by_class["DimFixEmbeddingDimensionFix"])
+    samplers = by_class["KSampler"]
+    assert len(samplers) == 7 and len({json.dumps(api[s]["inputs"]["seed"]) for s in samplers}) == 1
+    seed_src = api[api[samplers[0]]["inputs"]["seed"][0]]
+    assert seed_src["class_type"] == "PrimitiveInt" and seed_src["inputs"]["value"] == 42
+    (grid_id,) = by_class["DimFixComparisonGrid"]
+    grid = api[grid_id]["inputs"]
+    images = ["reference"] + [f"image_{k}" for k in range(1, 8) if f"image_{k}" in grid]
+    labels = grid["labels"].split("\n")
+    assert len(labels) == len(images) == 7 and labels[0] == "Qwen3-4B (reference)"
+    assert labels[1:] == [f"Fix: {m}" for m in modes]
+    # every grid cell decodes a sampler whose positive comes from the label's fix mode
+    for name, label in zip(images, labels):
+        sampler = api[api[grid[name][0]]["inputs"]["samples"][0]]
+        pos = api[sampler["inputs"]["positive"][0]]
+        if label.startswith("Fix: "):
+            assert pos["class_type"] == "DimFixEmbeddingDimensionFix" and pos["inputs"]["mode"] == label[5:]
+        else:
+            assert pos["class_type"] == "CLIPTextEncode"
+            assert api[pos["inputs"]["clip"][0]]["class_type"] == "CLIPLoader"
+    stock = {"UNETLoader": {"unet_name": "z_image_turbo_bf16.safetensors"}, "ModelSamplingAuraFlow": {"shift": 3.0},
+             "CLIPLoader": {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2"},
+             "VAELoader": {"vae_name": "ae.safetensors"},
+             "EmptySD3LatentImage": {"width": 1024, "height": 1024, "batch_size": 1}}
+    for cls, expected in stock.items():
+        for nid in by_class[cls]:
+            assert {k: api[nid]["inputs"][k] for k in expected} == expected
+    for s in samplers:
+        i = api[s]["inputs"]
+        assert (i["cfg"], i["sampler_name"], i["scheduler"], i["denoise"]) == (1.0, "res_multistep", "simple", 1.0)
+        assert api[i["negative"][0]]["class_type"] == "ConditioningZeroOut"
+    assert any(n["type"] == "MarkdownNote" and "steps" in n["widgets_values"][0] for n in ui["nodes"])
+
+
+def test_batch_runner_selectors_resolve():
+    """The titles the README tells ``python -m dimfix.batch`` to use exist in every sampling workflow."""
+    from dimfix.batch import set_input
+
+    for stem in EXPECTED_STEMS:
+        if stem == "zimage_dimfix_analyze":
+            continue
+        _, api = load(stem)
+        g = set_input(api, "Prompt", "value", "a test prompt", multiple=True)
+        g = set_input(g, "Seed", "value", 7, multiple=True)
+        assert [n["inputs"]["value"] for n in g.values() if n["_meta"]["title"] in ("Prompt", "Seed")] == \
+            ["a test prompt", 7]

@@ -1,0 +1,85 @@
+"""Bundled API workflows validated by ComfyUI's own ``execution.validate_prompt``; node specs vs live ComfyUI."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+from zdf_testkit import tiny_zimage as tz
+from zdf_testkit.build_workflows import USED_TYPES
+from zdf_testkit.live_comfy import current_specs, ensure_extra_nodes, pack_nodes_registered
+from zdf_testkit.workflow_specs import FRONTEND_ONLY, load_specs
+
+ROOT = Path(__file__).resolve().parents[2]
+API = ROOT / "workflows" / "api"
+STEMS = sorted(p.stem for p in API.glob("*.json"))
+
+
+def tiny_names(graph: dict, names: dict) -> dict:
+    """The graph with every model file replaced by the tiny test models (same structure otherwise)."""
+    g = json.loads(json.dumps(graph))
+    for node in g.values():
+        i, cls = node["inputs"], node["class_type"]
+        if cls == "UNETLoader":
+            i["unet_name"] = names["dit"]
+        elif cls == "CLIPLoader":
+            i["clip_name"] = names["te"]
+        elif cls == "VAELoader":
+            i["vae_name"] = names["vae"]
+        elif cls == "DimFixQwen3EmbeddingLoader":
+            i["model_name"] = names["substitute"]
+    return g
+
+
+@pytest.fixture(scope="module")
+def registered(comfy, pack):
+    ensure_extra_nodes(comfy.nodes)
+    models = tz.write_tiny_models(comfy.models)
+    comfy.folder_paths.filename_list_cache.clear()
+    with pack_nodes_registered(comfy.nodes, pack.node_list):
+        yield models
+
+
+def validate(graph: dict):
+    execution = importlib.import_module("execution")
+    return asyncio.run(execution.validate_prompt("test", graph, None))
+
+
+def test_checked_in_specs_match_live_comfyui(comfy, pack):
+    live = current_specs(comfy.nodes, pack.node_list, USED_TYPES)
+    table = {k: v for k, v in load_specs().items() if k not in FRONTEND_ONLY}
+    assert {k: v for k, v in live.items() if k not in FRONTEND_ONLY} == table, \
+        "node specs changed: run `cd tests && COMFYUI_PATH=... python -m zdf_testkit.build_workflows --refresh-specs`"
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_api_workflow_validates_in_comfyui(registered, stem):
+    graph = json.loads((API / f"{stem}.json").read_text(encoding="utf-8"))
+    valid, error, outputs, node_errors = validate(tiny_names(graph, registered.names))
+    assert node_errors == {} and valid, (error, node_errors)
+    expected_outputs = sorted(k for k, v in graph.items() if v["class_type"] in
+                              ("SaveImage", "PreviewAny", "DimFixComparisonGrid", "DimFixDimensionAnalyzer"))
+    assert sorted(outputs) == expected_outputs
+
+
+def test_missing_models_are_reported_by_name(registered):
+    """Negative control: the shipped names are not in the test folders, so validation names each file."""
+    graph = json.loads((API / "zimage_dimfix_fix_comparison_grid.json").read_text(encoding="utf-8"))
+    valid, _, _, node_errors = validate(graph)
+    assert not valid
+    text = json.dumps(node_errors)
+    for name in ("z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors", "Qwen3-Embedding-4B"):
+        assert name in text
+
+
+def test_wrong_link_type_is_rejected(registered):
+    graph = tiny_names(json.loads((API / "zimage_dimfix_blend.json").read_text(encoding="utf-8")), registered.names)
+    blend = next(k for k, v in graph.items() if v["class_type"] == "DimFixEmbeddingBlend")
+    clip = next(k for k, v in graph.items() if v["class_type"] == "CLIPLoader")
+    graph[blend]["inputs"]["secondary"] = [clip, 0]
+    valid, _, _, node_errors = validate(graph)
+    assert not valid and "return_type_mismatch" in json.dumps(node_errors)

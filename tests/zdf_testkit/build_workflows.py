@@ -1,0 +1,335 @@
+"""Generate the bundled workflows (``workflows/*.json`` UI format + ``workflows/api/*.json`` API twins).
+
+    cd tests && python -m zdf_testkit.build_workflows            # write the workflows from the specs table
+    cd tests && COMFYUI_PATH=... python -m zdf_testkit.build_workflows --refresh-specs   # re-read node specs
+
+The node socket/widget layout comes from ``workflow_node_specs.json`` (see ``workflow_specs``), which
+``--refresh-specs`` regenerates from a live ComfyUI with the pack loaded; the host tier checks that the
+table still matches. Models, settings and notes are defined here, once, for both formats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from .workflow_builder import Graph, write_json
+from .workflow_specs import load_specs
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = ROOT / "workflows"
+
+# ------------------------------------------------------------------------------------------ models
+HF = "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files"
+DIT = {"name": "z_image_turbo_bf16.safetensors", "url": f"{HF}/diffusion_models/z_image_turbo_bf16.safetensors",
+       "directory": "diffusion_models"}
+TE = {"name": "qwen_3_4b.safetensors", "url": f"{HF}/text_encoders/qwen_3_4b.safetensors",
+      "directory": "text_encoders"}
+VAE = {"name": "ae.safetensors", "url": f"{HF}/vae/ae.safetensors", "directory": "vae"}
+SUBSTITUTE = "Qwen3-Embedding-4B"  # a Hugging Face folder in models/text_encoders
+SUBSTITUTE_URL = "https://huggingface.co/Qwen/Qwen3-Embedding-4B"
+
+# ------------------------------------------------------------------------------------------ settings
+PROMPT = "A cat sleeping in sunlight"
+SEED = 42
+STEPS, CFG, SAMPLER, SCHEDULER = 4, 1.0, "res_multistep", "simple"  # the ComfyUI 0.8 Z-Image Turbo template
+SHIFT = 3.0
+SIZE = 1024
+SEED_MODES = ("none", "rescale", "mask", "clamp", "full")
+BEST_MODE = "affine"
+NODE_IDS = {"loader": "DimFixQwen3EmbeddingLoader", "layers": "DimFixHiddenLayerSelect",
+            "analyzer": "DimFixDimensionAnalyzer", "fix": "DimFixEmbeddingDimensionFix",
+            "blend": "DimFixEmbeddingBlend", "grid": "DimFixComparisonGrid"}
+PACK_TYPES = set(NODE_IDS.values())
+CORE_TYPES = ("UNETLoader", "ModelSamplingAuraFlow", "CLIPLoader", "VAELoader", "CLIPTextEncode",
+              "ConditioningZeroOut", "EmptySD3LatentImage", "KSampler", "VAEDecode", "SaveImage", "PreviewAny",
+              "PrimitiveInt", "PrimitiveStringMultiline", "MarkdownNote")
+#: Every node type the bundled workflows may use (the specs table covers exactly these).
+USED_TYPES = (*CORE_TYPES, *sorted(PACK_TYPES))
+
+SAMPLING_NOTE = (
+    "**Sampling.** Stock Z-Image Turbo settings of ComfyUI 0.8's template: `res_multistep` / `simple`, "
+    f"{STEPS} steps, cfg 1 (the negative is unused at cfg 1 — it is a zeroed copy, as in the template), "
+    f"ModelSamplingAuraFlow shift {SHIFT:g}, {SIZE}×{SIZE}, seed {SEED} (fixed, shared by every sampler so "
+    "the images differ only by their conditioning). The original research sampled 9 steps with diffusers' "
+    "Euler: set `steps` to 8–9 for closer parity; images will not be pixel-identical to it either way.")
+MODELS_NOTE = (
+    "**Models.** `models/diffusion_models/z_image_turbo_bf16.safetensors`, "
+    "`models/text_encoders/qwen_3_4b.safetensors`, `models/vae/ae.safetensors` (all from "
+    "[Comfy-Org/z_image_turbo](https://huggingface.co/Comfy-Org/z_image_turbo)); the substitute encoder "
+    f"`models/text_encoders/{SUBSTITUTE}/` = the whole [Qwen/Qwen3-Embedding-4B]({SUBSTITUTE_URL}) folder "
+    "(config.json + safetensors shards), or any other Qwen3 checkpoint the Qwen3 Embedding Loader lists.")
+
+
+def pack_version() -> str:
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    m = re.search(r'^version\s*=\s*"([^"]+)"', text, flags=re.M)
+    if not m:
+        raise ValueError("pyproject.toml has no version")
+    return m.group(1)
+
+
+def new_graph(specs: dict, workflow_id: str) -> Graph:
+    return Graph(specs, PACK_TYPES, pack_version(), workflow_id=workflow_id)
+
+
+# ------------------------------------------------------------------------------------------ blocks
+def note(g: Graph, text: str, pos=(-520, 0), size=(460, 520)):
+    return g.add("MarkdownNote", pos, title="Read me", widgets={"text": text}, size=size)
+
+
+def dit_chain(g: Graph, pos=(0, 0)):
+    unet = g.add("UNETLoader", pos, widgets={"unet_name": DIT["name"], "weight_dtype": "default"}, models=[DIT])
+    ms = g.add("ModelSamplingAuraFlow", (pos[0], pos[1] + 130), widgets={"shift": SHIFT}, inputs={"model": (unet, 0)})
+    return unet, ms
+
+
+def reference_clip(g: Graph, pos):
+    return g.add("CLIPLoader", pos, title="Reference encoder (Qwen3-4B)",
+                 widgets={"clip_name": TE["name"], "type": "lumina2", "device": "default"}, models=[TE])
+
+
+def substitute_clip(g: Graph, pos):
+    """The pack's loader with the substitute encoder (widget values from the loader's spec)."""
+    spec = g.specs[NODE_IDS["loader"]]
+    widgets = {}
+    for i in spec["inputs"]:
+        if not i["widget"]:
+            continue
+        widgets[i["name"]] = LOADER_WIDGETS[i["name"]]
+    return g.add(NODE_IDS["loader"], pos, title=f"Substitute encoder ({SUBSTITUTE})", widgets=widgets)
+
+
+#: Widget values of the Qwen3 Embedding Loader in the bundled workflows.
+LOADER_WIDGETS = {"model_name": SUBSTITUTE, "dtype": "default", "append_eos": False}
+
+
+def vae_loader(g: Graph, pos):
+    return g.add("VAELoader", pos, widgets={"vae_name": VAE["name"]}, models=[VAE])
+
+
+def prompt_and_seed(g: Graph, pos):
+    prompt = g.add("PrimitiveStringMultiline", pos, title="Prompt", widgets={"value": PROMPT}, size=(320, 130))
+    seed = g.add("PrimitiveInt", (pos[0], pos[1] + 170), title="Seed", widgets={"value": SEED},
+                 control={"value": "fixed"})
+    return prompt, seed
+
+
+def encode(g: Graph, clip, prompt, pos, title):
+    return g.add("CLIPTextEncode", pos, title=title, widgets={"text": ""},
+                 inputs={"clip": (clip, 0), "text": (prompt, 0)}, size=(320, 90))
+
+
+def sampler(g: Graph, model, positive, negative, latent, seed, pos, title):
+    return g.add("KSampler", pos, title=title,
+                 widgets={"seed": SEED, "steps": STEPS, "cfg": CFG, "sampler_name": SAMPLER, "scheduler": SCHEDULER,
+                          "denoise": 1.0},
+                 inputs={"model": (model, 0), "positive": (positive, 0), "negative": (negative, 0),
+                         "latent_image": (latent, 0), "seed": (seed, 0)}, control={"seed": "fixed"})
+
+
+def decode(g: Graph, samples, vae, pos):
+    return g.add("VAEDecode", pos, inputs={"samples": (samples, 0), "vae": (vae, 0)}, size=(210, 50))
+
+
+def grid(g: Graph, images: list, labels: list[str], prompt, pos, title: str, columns: int = 0):
+    inputs = {"reference": (images[0], 0), "subtitle": (prompt, 0)}
+    for k, im in enumerate(images[1:], start=1):
+        inputs[f"image_{k}"] = (im, 0)
+    return g.add(NODE_IDS["grid"], pos, title="Fix Comparison Grid",
+                 widgets={"labels": "\n".join(labels), "title": title, "subtitle": "", "columns": columns,
+                          "fit": "pad"}, inputs=inputs, size=(720, 640))
+
+
+def common_front(g: Graph, x0=0):
+    """Model, sampling shift, VAE, prompt, seed, empty latent."""
+    unet, model = dit_chain(g, (x0, 0))
+    vae = vae_loader(g, (x0, 260))
+    prompt, seed = prompt_and_seed(g, (x0, 380))
+    latent = g.add("EmptySD3LatentImage", (x0, 680), widgets={"width": SIZE, "height": SIZE, "batch_size": 1})
+    return unet, model, vae, prompt, seed, latent
+
+
+# ------------------------------------------------------------------------------------------ workflows
+def fix_comparison_grid(specs: dict) -> Graph:
+    g = new_graph(specs, "6a0d3c51-7c1e-4e52-9d33-2f7d0a9b1c01")
+    modes = [*SEED_MODES, BEST_MODE]
+    note(g, "# Fix comparison grid\n\nOne prompt, one seed: the image from the stock Qwen3-4B encoder (the "
+            f"reference) and one image per fix mode of the substitute encoder ({SUBSTITUTE}), composed into a "
+            "labelled grid.\n\n**Fix table.** The Dimension Analyzer measures reference vs substitute over the "
+            "pack's calibration corpus (empty `prompts` = fix_tables/calibration_prompts.txt) and feeds every "
+            "Embedding Dimension Fix. ComfyUI caches it: it re-runs only when an encoder or one of its widgets "
+            "changes, not for a new prompt. To use a saved table instead, disconnect `fix_table` and pick the "
+            "file in `table_file`.\n\n**Modes.** `none`, `rescale`, `mask`, `clamp`, `full` = the original "
+            f"research's formulas; `{BEST_MODE}` = the pack's recommended mode. All use token scope `content` "
+            "(the sink and chat-template tokens pass unchanged, as the table's statistics cover content tokens "
+            "only).\n\n" + SAMPLING_NOTE + "\n\n" + MODELS_NOTE + "\n\n**Batch.** The API twin "
+            "`workflows/api/zimage_dimfix_fix_comparison_grid.json` runs over many prompts with `python -m "
+            "dimfix.batch --prompt-node Prompt --prompt-input value --seed-node Seed --seed-input value ...`.",
+         size=(480, 900))
+    unet, model, vae, prompt, seed, latent = common_front(g)
+    ref = reference_clip(g, (400, 0))
+    sub = substitute_clip(g, (400, 150))
+    pos_ref = encode(g, ref, prompt, (400, 330), "Encode (reference)")
+    pos_sub = encode(g, sub, prompt, (400, 460), "Encode (substitute)")
+    neg = g.add("ConditioningZeroOut", (400, 590), title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
+    analyzer = g.add(NODE_IDS["analyzer"], (400, 700), title="Dimension Analyzer", widgets=ANALYZER_WIDGETS,
+                     inputs={"reference": (ref, 0), "target": (sub, 0), "model": (unet, 0)}, size=(400, 560))
+    fixes = []
+    for k, mode in enumerate(modes):
+        fixes.append(g.add(NODE_IDS["fix"], (880, k * 250), title=f"Fix: {mode}",
+                           widgets={**FIX_WIDGETS, "mode": mode}, inputs={"conditioning": (pos_sub, 0),
+                                                                          "fix_table": (analyzer, 0)}))
+    images = []
+    for k, cond in enumerate([pos_ref, *fixes]):
+        y = k * 250 - 250
+        ks = sampler(g, model, cond, neg, latent, seed, (1240, y), "KSampler (reference)" if k == 0
+                     else f"KSampler ({modes[k - 1]})")
+        images.append(decode(g, ks, vae, (1600, y + 60)))
+    labels = ["Qwen3-4B (reference)", *[f"Fix: {m}" for m in modes]]
+    gr = grid(g, images, labels, prompt, (1880, 0), "Dimension Fix Comparison", columns=4)
+    g.add("SaveImage", (2640, 0), widgets={"filename_prefix": "zimage_dimfix/fix_grid"}, inputs={"images": (gr, 0)},
+          size=(640, 520))
+    return g
+
+
+#: Dimension Analyzer widgets in the bundled workflows ("" prompts = the pack's calibration corpus).
+ANALYZER_WIDGETS = {"prompts": "", "layer": -2, "sweep_all_layers": False, "outlier_ratio": 3.0,
+                    "dead_threshold": 0.01, "hyper_multiplier": 5.0, "token_scope": "content", "save_name": "",
+                    "overwrite": False}
+#: Embedding Dimension Fix widgets (the mode is set per node; 0 = the table's thresholds).
+FIX_WIDGETS = {"mode": BEST_MODE, "strength": 1.0, "token_scope": "content", "table_file": "none",
+               "outlier_ratio": 0.0, "hyper_mult": 0.0, "clamp_sigma": 0.0}
+TABLE_NAME = "qwen3-embedding-4b_vs_qwen3-4b_layer-2"
+
+
+def analyze(specs: dict) -> Graph:
+    g = new_graph(specs, "6a0d3c51-7c1e-4e52-9d33-2f7d0a9b1c02")
+    note(g, "# Dimension analysis\n\nEncodes the calibration corpus (empty `prompts` = "
+            "fix_tables/calibration_prompts.txt, one prompt per line otherwise) with the reference encoder "
+            f"(Qwen3-4B) and the target ({SUBSTITUTE}) and compares every hidden dimension at layer −2.\n\n"
+            "Outputs: the markdown **report** (shown by Preview Any), the **plots** (previewed on the node and "
+            f"saved), and the **fix table**, saved as `models/fix_tables/{TABLE_NAME}.safetensors` for the "
+            "Embedding Dimension Fix / Blend `table_file` dropdown (refresh the page to see it). A second run "
+            "with the same `save_name` stops with an error unless `overwrite` is on.\n\nThe Z-Image model is "
+            "optional: connected, the report adds the DiT's view (caption-embedder sensitivity). "
+            "`sweep_all_layers` adds a per-layer table from the same single forward per prompt.\n\n"
+            + MODELS_NOTE, size=(460, 620))
+    unet = g.add("UNETLoader", (0, 0), widgets={"unet_name": DIT["name"], "weight_dtype": "default"}, models=[DIT])
+    ref = reference_clip(g, (0, 130))
+    sub = substitute_clip(g, (0, 280))
+    analyzer = g.add(NODE_IDS["analyzer"], (400, 0), title="Dimension Analyzer",
+                     widgets={**ANALYZER_WIDGETS, "save_name": TABLE_NAME},
+                     inputs={"reference": (ref, 0), "target": (sub, 0), "model": (unet, 0)}, size=(420, 620))
+    g.add("PreviewAny", (880, 0), title="Report", inputs={"source": (analyzer, 1)}, size=(620, 560))
+    g.add("SaveImage", (880, 620), widgets={"filename_prefix": "zimage_dimfix/analysis"},
+          inputs={"images": (analyzer, 2)}, size=(620, 520))
+    return g
+
+
+def blend(specs: dict) -> Graph:
+    g = new_graph(specs, "6a0d3c51-7c1e-4e52-9d33-2f7d0a9b1c03")
+    note(g, "# Encoder ensemble (Embedding Blend)\n\n`alpha · Qwen3-4B + (1 − alpha) · substitute`, alpha 0.8 "
+            "(0.7–0.9 is the usual range). The Qwen3-4B conditioning is the primary: it sets the token count; "
+            "the substitute's tokens are pooled to that length and each is scaled to the RMS of the matching "
+            "primary token first (`rms_match`), so alpha weighs directions, not loudness. Connect a fix table "
+            "(Dimension Analyzer, or `table_file`) to treat the substitute's outlier dims (`outliers`).\n\nThe "
+            "grid shows the reference image beside the blend.\n\n" + SAMPLING_NOTE + "\n\n" + MODELS_NOTE,
+         size=(460, 700))
+    unet, model, vae, prompt, seed, latent = common_front(g)
+    ref = reference_clip(g, (400, 0))
+    sub = substitute_clip(g, (400, 150))
+    pos_ref = encode(g, ref, prompt, (400, 330), "Encode (reference)")
+    pos_sub = encode(g, sub, prompt, (400, 460), "Encode (substitute)")
+    neg = g.add("ConditioningZeroOut", (400, 590), title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
+    mixed = g.add(NODE_IDS["blend"], (800, 300), title="Embedding Blend", widgets={"alpha": 0.8, "align": "pool", "outliers": "none",
+                                                          "rms_match": True, "table_file": "none"},
+                  inputs={"primary": (pos_ref, 0), "secondary": (pos_sub, 0)})
+    images = []
+    for k, (cond, name) in enumerate([(pos_ref, "reference"), (mixed, "blend")]):
+        ks = sampler(g, model, cond, neg, latent, seed, (1160, k * 330), f"KSampler ({name})")
+        images.append(decode(g, ks, vae, (1520, k * 330 + 60)))
+    gr = grid(g, images, ["Qwen3-4B (reference)", f"Blend α=0.8 with {SUBSTITUTE}"], prompt, (1780, 0),
+              "Embedding Blend")
+    g.add("SaveImage", (2540, 0), widgets={"filename_prefix": "zimage_dimfix/blend"}, inputs={"images": (gr, 0)},
+          size=(640, 520))
+    return g
+
+
+LAYER = -6
+
+
+def layer_select(specs: dict) -> Graph:
+    g = new_graph(specs, "6a0d3c51-7c1e-4e52-9d33-2f7d0a9b1c04")
+    note(g, "# Other hidden layers\n\nZ-Image was trained on Qwen3-4B's `hidden_states[-2]`. Hidden Layer Select "
+            f"picks another layer in Hugging Face indexing (here {LAYER}; −1 = the final normed output, 0 = the "
+            "embeddings) and checks it against the model's real depth — unlike CLIP Set Last Layer, whose "
+            "numbering is shifted by one and cannot reach every layer. The grid compares the default layer "
+            f"with layer {LAYER} for the same seed.\n\n" + SAMPLING_NOTE + "\n\n" + MODELS_NOTE, size=(460, 600))
+    unet, model, vae, prompt, seed, latent = common_front(g)
+    ref = reference_clip(g, (400, 0))
+    spec = g.specs[NODE_IDS["layers"]]
+    layer_widgets = {i["name"]: LAYER_WIDGETS[i["name"]] for i in spec["inputs"] if i["widget"]}
+    chosen = g.add(NODE_IDS["layers"], (400, 150), title="Hidden Layer Select", widgets=layer_widgets, inputs={"clip": (ref, 0)})
+    pos_ref = encode(g, ref, prompt, (400, 330), "Encode (layer -2, default)")
+    pos_sel = encode(g, chosen, prompt, (400, 460), f"Encode (layer {LAYER})")
+    neg = g.add("ConditioningZeroOut", (400, 590), title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
+    images = []
+    for k, (cond, name) in enumerate([(pos_ref, "layer -2"), (pos_sel, f"layer {LAYER}")]):
+        ks = sampler(g, model, cond, neg, latent, seed, (800, k * 330), f"KSampler ({name})")
+        images.append(decode(g, ks, vae, (1160, k * 330 + 60)))
+    gr = grid(g, images, ["Qwen3-4B layer -2 (default)", f"Qwen3-4B layer {LAYER}"], prompt, (1420, 0),
+              "Hidden layer comparison")
+    g.add("SaveImage", (2180, 0), widgets={"filename_prefix": "zimage_dimfix/layer"}, inputs={"images": (gr, 0)},
+          size=(640, 520))
+    return g
+
+
+#: Hidden Layer Select widgets in the bundled workflow.
+LAYER_WIDGETS = {"layer": LAYER}
+
+WORKFLOW_BUILDERS = {
+    "zimage_dimfix_fix_comparison_grid": fix_comparison_grid,
+    "zimage_dimfix_analyze": analyze,
+    "zimage_dimfix_blend": blend,
+    "zimage_dimfix_layer_select": layer_select,
+}
+
+
+def build_all(specs: dict | None = None) -> dict[str, tuple[dict, dict]]:
+    """``stem -> (ui, api)`` for every bundled workflow."""
+    specs = specs if specs is not None else load_specs()
+    out = {}
+    for stem, build in WORKFLOW_BUILDERS.items():
+        g = build(specs)
+        out[stem] = (g.ui(), g.api())
+    return out
+
+
+def write_all(dest: Path = WORKFLOWS, specs: dict | None = None) -> list[Path]:
+    written = []
+    for stem, (ui, api) in build_all(specs).items():
+        write_json(dest / f"{stem}.json", ui)
+        write_json(dest / "api" / f"{stem}.json", api)
+        written += [dest / f"{stem}.json", dest / "api" / f"{stem}.json"]
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m zdf_testkit.build_workflows", description=__doc__.split("\n")[0])
+    p.add_argument("--refresh-specs", action="store_true",
+                   help="re-read the node specs from a live ComfyUI (COMFYUI_PATH) with the pack loaded")
+    args = p.parse_args(argv)
+    if args.refresh_specs:
+        from .live_comfy import refresh_specs
+
+        refresh_specs()
+    for path in write_all():
+        print(path.relative_to(ROOT))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

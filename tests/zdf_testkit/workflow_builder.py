@@ -1,0 +1,201 @@
+"""Build a ComfyUI workflow once and emit both formats: UI (litegraph, for drag-and-drop) and API (for /prompt).
+
+UI format rules followed (ComfyUI 0.8 frontend): ``widgets_values`` positional, one entry per widget plus
+the ``control_after_generate`` value after each widget that has one; a node's ``inputs`` list its sockets
+(in definition order) followed by the widgets that are driven by a link (``"widget": {"name": ...}``);
+links ``[id, from_node, from_slot, to_node, to_slot, TYPE]``; ``properties`` with ``Node name for S&R``,
+``cnr_id`` / ``ver`` and, on loaders, ``models`` (file name, URL, folder) for the missing-model dialog.
+Frontend-only nodes (notes) appear only in the UI format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .workflow_specs import FRONTEND_ONLY, socket_inputs, widget_names
+
+CORE_CNR = "comfy-core"
+CORE_VER = "0.8.0"
+PACK_CNR = "zimage-dimfix"
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple[float, float]
+    title: str | None
+    widgets: dict
+    links_in: dict  # input name -> (Node, output slot)
+    size: tuple[float, float] | None
+    models: list | None
+    control: dict
+    color: str | None = None
+    out_links: dict = field(default_factory=dict)  # slot -> [link ids]
+
+    def __getitem__(self, slot: int) -> tuple["Node", int]:
+        return self, slot
+
+
+class Graph:
+    """Collect nodes and links; :meth:`ui` and :meth:`api` render the two formats."""
+
+    def __init__(self, specs: dict, pack_types: set[str], pack_version: str, workflow_id: str | None = None):
+        self.specs = specs
+        self.pack_types = set(pack_types)
+        self.pack_version = pack_version
+        self.nodes: list[Node] = []
+        self.links: list[list] = []
+        self.groups: list[dict] = []
+        self.workflow_id = workflow_id or str(uuid.uuid4())
+
+    # ------------------------------------------------------------------ construction
+    def add(self, type_: str, pos: tuple[float, float], title: str | None = None, widgets: dict | None = None,
+            inputs: dict | None = None, size: tuple[float, float] | None = None, models: list | None = None,
+            control: dict | None = None, color: str | None = None) -> Node:
+        """Add a node. ``widgets``: every widget's value (also for link-driven widgets: the UI keeps it);
+        ``inputs``: name → ``(node, output_slot)`` for sockets and link-driven widgets; ``control``:
+        widget name → control_after_generate value (default "fixed")."""
+        spec = self.specs.get(type_)
+        if spec is None:
+            raise KeyError(f"no spec for node type {type_!r}; add it to the specs table")
+        widgets = dict(widgets or {})
+        inputs = dict(inputs or {})
+        names = widget_names(spec)
+        missing = [n for n in names if n not in widgets]
+        extra = [n for n in widgets if n not in names]
+        if missing or extra:
+            raise ValueError(f"{type_}: widget values missing {missing} / unknown {extra}; widgets: {names}")
+        known = {i["name"] for i in spec["inputs"]}
+        bad = [n for n in inputs if n not in known]
+        if bad:
+            raise ValueError(f"{type_}: unknown inputs {bad}; inputs: {sorted(known)}")
+        for i in spec["inputs"]:
+            if not i["widget"] and not i["optional"] and i["name"] not in inputs:
+                raise ValueError(f"{type_}: required socket {i['name']!r} is not connected")
+        node = Node(len(self.nodes) + 1, type_, pos, title, widgets, inputs, size, models, dict(control or {}), color)
+        self.nodes.append(node)
+        return node
+
+    def group(self, title: str, bounding: tuple[float, float, float, float], color: str = "#3f789e") -> None:
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": list(bounding),
+                            "color": color, "font_size": 24, "flags": {}})
+
+    # ------------------------------------------------------------------ helpers
+    def _spec(self, node: Node) -> dict:
+        return self.specs[node.type]
+
+    def _ui_inputs(self, node: Node) -> list[dict]:
+        spec = self._spec(node)
+        out = [{"name": i["name"], "type": i["type"]} for i in socket_inputs(spec)]
+        for i in spec["inputs"]:
+            if i["widget"] and i["name"] in node.links_in:
+                out.append({"name": i["name"], "type": i["type"], "widget": {"name": i["name"]}})
+        return out
+
+    def _order(self) -> dict[int, int]:
+        """Topological execution order (Kahn, stable by id) as the frontend stores it in ``order``."""
+        deps = {n.id: {src.id for src, _ in n.links_in.values()} for n in self.nodes}
+        done: list[int] = []
+        while len(done) < len(deps):
+            ready = [i for i in sorted(deps) if i not in done and deps[i] <= set(done)]
+            if not ready:
+                raise ValueError("workflow graph has a cycle")
+            done.append(ready[0])
+        return {nid: k for k, nid in enumerate(done)}
+
+    def _size(self, node: Node, n_in: int, n_out: int) -> list[float]:
+        if node.size:
+            return list(node.size)
+        spec = self._spec(node)
+        rows = max(n_in, n_out)
+        h = 30 + 22 * rows
+        for i in spec["inputs"]:
+            if i["widget"]:
+                h += 110 if i["type"] == "STRING" and len(str(node.widgets.get(i["name"], ""))) > 40 else 26
+                h += 26 if i.get("control") else 0
+        return [320, h]
+
+    # ------------------------------------------------------------------ rendering
+    def ui(self) -> dict:
+        self.links = []
+        for n in self.nodes:
+            n.out_links = {}
+        link_id = 0
+        in_links: dict[tuple[int, str], int] = {}
+        for node in self.nodes:
+            slots = {e["name"]: k for k, e in enumerate(self._ui_inputs(node))}
+            for name, (src, slot) in node.links_in.items():
+                link_id += 1
+                out_type = self._spec(src)["outputs"][slot]["type"]
+                self.links.append([link_id, src.id, slot, node.id, slots[name], out_type])
+                src.out_links.setdefault(slot, []).append(link_id)
+                in_links[(node.id, name)] = link_id
+        order = self._order()
+        nodes = []
+        for node in self.nodes:
+            spec = self._spec(node)
+            inputs = self._ui_inputs(node)
+            for e in inputs:
+                e["link"] = in_links.get((node.id, e["name"]))
+            outputs = [{"name": o["name"], "type": o["type"], "links": node.out_links.get(k, []), "slot_index": k}
+                       for k, o in enumerate(spec["outputs"])]
+            values = []
+            for i in spec["inputs"]:
+                if i["widget"]:
+                    values.append(node.widgets[i["name"]])
+                    if i.get("control"):
+                        values.append(node.control.get(i["name"], "fixed"))
+            if node.type in FRONTEND_ONLY:
+                props: dict[str, Any] = {}
+            elif node.type in self.pack_types:
+                props = {"Node name for S&R": node.type, "cnr_id": PACK_CNR, "ver": self.pack_version}
+            else:
+                props = {"Node name for S&R": node.type, "cnr_id": CORE_CNR, "ver": CORE_VER}
+            if node.models:
+                props["models"] = node.models
+            entry = {"id": node.id, "type": node.type, "pos": list(node.pos),
+                     "size": self._size(node, len(inputs), len(outputs)), "flags": {}, "order": order[node.id],
+                     "mode": 0, "inputs": inputs, "outputs": outputs, "properties": props,
+                     "widgets_values": values}
+            if node.title:
+                entry["title"] = node.title
+            if node.color:
+                entry["color"] = node.color
+            nodes.append(entry)
+        return {"id": self.workflow_id, "revision": 0, "last_node_id": max(n.id for n in self.nodes),
+                "last_link_id": link_id, "nodes": nodes, "links": self.links, "groups": self.groups,
+                "definitions": {"subgraphs": []}, "config": {},
+                "extra": {"ds": {"scale": 0.6, "offset": [40, 40]}}, "version": 0.4}
+
+    def api(self) -> dict:
+        out = {}
+        for node in self.nodes:
+            if node.type in FRONTEND_ONLY:
+                continue
+            spec = self._spec(node)
+            inputs: dict[str, Any] = {}
+            for i in spec["inputs"]:
+                name = i["name"]
+                if name in node.links_in:
+                    src, slot = node.links_in[name]
+                    inputs[name] = [str(src.id), slot]
+                elif i["widget"]:
+                    inputs[name] = node.widgets[name]
+            out[str(node.id)] = {"inputs": inputs, "class_type": node.type,
+                                 "_meta": {"title": node.title or node.type}}
+        return out
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Pretty JSON (2-space indent, UTF-8, trailing newline), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
