@@ -41,6 +41,11 @@ def comfy(tmp_path_factory):
         sys.path.insert(0, path)
     from zdf_testkit.host_env import ensure_torchvision_importable
 
+    # transformers caches (lru_cache) whether torchvision exists: ask before the stand-in is on sys.path,
+    # so transformers models used as test references never try to use the stand-in.
+    from transformers.utils import import_utils as transformers_import_utils
+
+    transformers_import_utils.is_torchvision_available()
     ensure_torchvision_importable()
     from comfy.cli_args import args
 
