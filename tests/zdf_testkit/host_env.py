@@ -36,6 +36,7 @@ def ensure_torchvision_importable() -> bool:
 def server_env(base: dict | None = None) -> dict:
     """Environment for a ComfyUI server subprocess, adding the stand-in when needed."""
     env = dict(os.environ if base is None else base)
-    if not torchvision_importable():
+    # The stand-in may already be on this process's sys.path (then torchvision imports here but not there).
+    if str(SHIMS) in sys.path or not torchvision_importable():
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SHIMS), env.get("PYTHONPATH", "")) if p)
     return env
