@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 __all__ = [
     "CheckpointError", "Qwen3Info", "Qwen3Checkpoint", "QWEN3_4B_DEFAULTS", "HEAD_DIM", "MIN_LAYERS",
-    "read_qwen3_checkpoint", "checkpoint_fingerprint", "list_model_entries", "resolve_entry",
+    "read_qwen3_checkpoint", "checkpoint_fingerprint", "fingerprint_path", "list_model_entries", "resolve_entry",
 ]
 
 HEAD_DIM = 128
@@ -334,6 +334,22 @@ def read_qwen3_checkpoint(path: str | os.PathLike) -> Qwen3Checkpoint:
         _cross_check(info, cfg, config_path)
     return Qwen3Checkpoint(state_dict=sd, info=info, source_files=[str(f) for f in files],
                            fingerprint=checkpoint_fingerprint(files, extra), config=cfg, dropped_keys=dropped)
+
+
+def fingerprint_path(path: str | os.PathLike) -> str:
+    """The ``fingerprint`` that ``read_qwen3_checkpoint(path)`` would report, without loading tensors.
+
+    Costs a few file reads (headers and data samples), so it suits ComfyUI's per-prompt change check.
+    Raises ``CheckpointError`` like the reader for missing or pickle paths.
+    """
+    p = Path(path)
+    _refuse_pickle(p)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or folder")
+    files, extra = _model_files(p) if p.is_dir() else ([p], [])
+    for f in files:
+        _read_header(f)
+    return checkpoint_fingerprint(files, extra)
 
 
 # ----------------------------------------------------------------------------------------- listing

@@ -263,3 +263,11 @@ def test_index_json_is_valid(tmp_path, tiny):
     folder = save_hf_folder(sd, cfg, tmp_path / "ix", shards=2)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(sd)
+
+
+def test_fingerprint_path_matches_reader(tmp_path, tiny):
+    cfg, sd = tiny
+    for p in (save_single_file(sd, tmp_path / "s.safetensors"), save_hf_folder(sd, cfg, tmp_path / "f", shards=2)):
+        assert ck.fingerprint_path(p) == ck.read_qwen3_checkpoint(p).fingerprint
+    with pytest.raises(ck.CheckpointError, match="no such file"):
+        ck.fingerprint_path(tmp_path / "gone.safetensors")

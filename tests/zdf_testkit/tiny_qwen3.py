@@ -17,6 +17,7 @@ Stable API (other test modules rely on it):
 - ``hf_hidden_states(sd, config, input_ids) -> tuple[Tensor, ...]`` — transformers ``Qwen3Model``
   ``output_hidden_states`` in fp32/eval: ``layers + 1`` tensors ``[1, T, hidden]`` (0 = embeddings,
   last = final-normed output).
+- ``hf_model(sd, config)`` / ``run_hidden_states(model, input_ids)`` — the same reference, model built once.
 - ``zimage_ids(prompt_ids) -> list[int]`` — the Z-Image chat template around explicit token ids
   (core-tier tests have no tokenizer; ComfyUI's ``qwen25_tokenizer`` exists only in the host tier).
 """
@@ -133,8 +134,8 @@ def save_hf_folder(sd: dict[str, torch.Tensor], config: dict, folder: str | Path
     return folder
 
 
-def hf_hidden_states(sd: dict[str, torch.Tensor], config: dict, input_ids: Sequence[int]) -> tuple[torch.Tensor, ...]:
-    """transformers ``Qwen3Model`` hidden states (fp32, eval, eager attention) — the independent reference."""
+def hf_model(sd: dict[str, torch.Tensor], config: dict):
+    """transformers ``Qwen3Model`` (fp32, eval, eager attention) holding ``sd`` — build once, run many times."""
     from transformers import Qwen3Config, Qwen3Model
 
     cfg = Qwen3Config(**{k: v for k, v in config.items() if k not in ("architectures", "model_type", "torch_dtype")})
@@ -146,9 +147,19 @@ def hf_hidden_states(sd: dict[str, torch.Tensor], config: dict, input_ids: Seque
     missing = [m for m in missing if "rotary_emb" not in m]
     if missing or unexpected:
         raise ValueError(f"reference model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def run_hidden_states(model, input_ids: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """``output_hidden_states`` of a model from :func:`hf_model` for one sequence (no padding, no mask)."""
     with torch.no_grad():
         out = model(input_ids=torch.tensor([list(input_ids)], dtype=torch.long), output_hidden_states=True)
     return tuple(h.float() for h in out.hidden_states)
+
+
+def hf_hidden_states(sd: dict[str, torch.Tensor], config: dict, input_ids: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """transformers ``Qwen3Model`` hidden states (fp32, eval, eager attention) — the independent reference."""
+    return run_hidden_states(hf_model(sd, config), input_ids)
 
 
 def zimage_ids(prompt_ids: Sequence[int]) -> list[int]:
