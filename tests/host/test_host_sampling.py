@@ -38,19 +38,22 @@ def tiny(comfy):
     return models
 
 
+def run_node(node, **inputs):
+    """``node.execute`` the way ComfyUI's executor runs every node: under ``torch.inference_mode()``."""
+    with torch.inference_mode():
+        return node.execute(**inputs)
+
+
 def is_placeholder(node) -> bool:
     return not node.define_schema().inputs
 
 
 def load_substitute(comfy, pack, tiny):
-    """The substitute encoder (HF folder, flat keys): through the pack's loader when it exists, else the
-    stock text-encoder builder on the keys with the ``model.`` prefix added (under the detection patch)."""
+    """The substitute encoder (HF folder, flat keys, vocab 151665) through the pack's Qwen3 Embedding Loader."""
     loader = pack.nodes[LOADER_ID]
-    if not is_placeholder(loader):
-        pytest.skip("pack loader landed: switch this helper to it")  # replaced once the loader schema is known
-    sd = comfy.utils.load_torch_file(str(tiny.substitute / "model.safetensors"), safe_load=True)
-    sd = {("model." + k if not k.startswith("model.") else k): v for k, v in sd.items()}
-    return comfy.sd.load_text_encoder_state_dicts([sd], clip_type=comfy.sd.CLIPType.LUMINA2)
+    if is_placeholder(loader):
+        pytest.skip("Qwen3 Embedding Loader is still a placeholder")
+    return run_node(loader, model_name=tiny.names["substitute"], dtype="default", append_eos=False).args[0]
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +196,7 @@ def fix_table(pack, stack):
     if is_placeholder(analyzer):
         pytest.skip("Dimension Analyzer is still a placeholder")
     _, clip, sub, _ = stack
-    out = analyzer.execute(reference=clip, target=sub, prompts="\n".join(CAL_PROMPTS), layer=-2)
+    out = run_node(analyzer, reference=clip, target=sub, prompts="\n".join(CAL_PROMPTS), layer=-2)
     table = out.args[0]
     assert table.dim == tz.CAP_FEAT_DIM
     return table
@@ -213,7 +216,8 @@ def test_fix_node_conditioning_samples(comfy, pack, stack, fix_table, mode):
     assert mode in pack.core.fixes.MODES
     model, _, sub, _ = stack
     raw = encode(comfy, sub)
-    cond = fix.execute(conditioning=raw, mode=mode, strength=1.0, token_scope="content", fix_table=fix_table).args[0]
+    cond = run_node(fix, conditioning=raw, mode=mode, strength=1.0, token_scope="content",
+                    fix_table=fix_table).args[0]
     assert_all_ones_masks(cond)
     assert cond[0][0].shape == raw[0][0].shape
     if mode == "none":
@@ -233,8 +237,8 @@ def test_blend_node_conditioning_samples(comfy, pack, stack, fix_table):
     model, clip, sub, _ = stack
     primary, secondary = encode(comfy, clip), encode(comfy, sub, PROMPT + ", detailed")
     for outliers in ("none", "mean"):
-        cond = blend.execute(primary=primary, secondary=secondary, alpha=0.8, align="pool", outliers=outliers,
-                             rms_match=True, fix_table=fix_table).args[0]
+        cond = run_node(blend, primary=primary, secondary=secondary, alpha=0.8, align="pool", outliers=outliers,
+                        rms_match=True, fix_table=fix_table).args[0]
         assert_all_ones_masks(cond)
         assert cond[0][0].shape == primary[0][0].shape
         rec = Recorder()
