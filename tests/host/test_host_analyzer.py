@@ -7,6 +7,9 @@ import importlib
 import pytest
 import torch
 
+from zdf_testkit import tiny_qwen3 as tq
+from zdf_testkit import tiny_zimage as tz
+
 NODE_ID = "DimFixDimensionAnalyzer"
 HIDDEN = 64
 N_LAYERS = 4
@@ -14,30 +17,17 @@ PROMPTS = ["a red fox in the snow", "an old lighthouse at dusk, oil painting", "
            "a busy street market in the rain"]
 
 
-def _qwen3_state_dict(seed: int, hidden: int = HIDDEN, layers: int = N_LAYERS, inter: int = 128,
-                      vocab: int = 151936) -> tuple[dict, dict]:
-    """Random Qwen3 weights in ComfyUI's key layout (1 q head, 1 kv head of width 128) and the config overrides."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=0.05):
-        return torch.randn(*shape, generator=g) * scale
-
-    sd = {"model.embed_tokens.weight": r(vocab, hidden, scale=1.0), "model.norm.weight": 1 + r(hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        sd.update({p + "input_layernorm.weight": 1 + r(hidden), p + "post_attention_layernorm.weight": 1 + r(hidden),
-                   p + "self_attn.q_proj.weight": r(128, hidden), p + "self_attn.k_proj.weight": r(128, hidden),
-                   p + "self_attn.v_proj.weight": r(128, hidden), p + "self_attn.o_proj.weight": r(hidden, 128),
-                   p + "self_attn.q_norm.weight": 1 + r(128), p + "self_attn.k_norm.weight": 1 + r(128),
-                   p + "mlp.gate_proj.weight": r(inter, hidden), p + "mlp.up_proj.weight": r(inter, hidden),
-                   p + "mlp.down_proj.weight": r(hidden, inter)})
-    cfg = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=1,
-               num_key_value_heads=1, vocab_size=vocab)
-    return sd, cfg
+SEEDS = {"reference": 1, "target": 2}
+VOCABS = {"reference": 151936, "target": 151665}  # target: Qwen3-Embedding vocabulary
 
 
-def make_clip(comfy, seed: int, vocab: int = 151936, hidden: int = HIDDEN, layers: int = N_LAYERS):
-    """A CLIP with the Z-Image tokenizer and a tiny Qwen3 (comfyui-host.md §2.1 fallback; test-only)."""
+def tiny_weights(side: str) -> tuple[dict, dict]:
+    config = tq.tiny_config(hidden=HIDDEN, layers=N_LAYERS, vocab=VOCABS[side])
+    return tq.make_state_dict(config, seed=SEEDS[side]), config
+
+
+def make_clip(comfy, sd: dict, config: dict):
+    """A CLIP with the Z-Image tokenizer around a tiny Qwen3 (comfyui-host.md §2.1 fallback; test-only)."""
     zi = importlib.import_module("comfy.text_encoders.z_image")
 
     class Target:
@@ -45,15 +35,16 @@ def make_clip(comfy, seed: int, vocab: int = 151936, hidden: int = HIDDEN, layer
         clip = zi.te(dtype_llama=torch.float32)
         tokenizer = zi.ZImageTokenizer
 
-    sd, cfg = _qwen3_state_dict(seed, hidden=hidden, layers=layers, vocab=vocab)
+    overrides = {k: config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                        "num_attention_heads", "num_key_value_heads", "vocab_size")}
     return comfy.sd.CLIP(Target(), state_dict=[sd], parameters=comfy.utils.calculate_parameters(sd),
-                         model_options={"qwen3_4b_model_config": cfg})
+                         model_options={"qwen3_4b_model_config": overrides})
 
 
 @pytest.fixture(scope="module")
 def clips(comfy):
     # reference: Qwen3-4B layout; target: Qwen3-Embedding layout (vocab 151665), other weights
-    return make_clip(comfy, seed=1), make_clip(comfy, seed=2, vocab=151665)
+    return make_clip(comfy, *tiny_weights("reference")), make_clip(comfy, *tiny_weights("target"))
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +157,27 @@ def test_encode_hidden_all_layers_match_stock_layers(pack, clips):
     assert torch.equal(c.encode_from_tokens_scheduled(c.tokenize(PROMPTS[1]))[0][0][0], hidden[-3])
 
 
+def test_all_layers_match_transformers_and_table_equals_core_stats_on_them(node, pack, clips, fast_plots):
+    """The hidden states the analyzer feeds equal an independent transformers Qwen3Model, and the table equals
+    the core statistics computed directly on the transformers hidden states."""
+    analyzer = importlib.import_module(pack.name + ".nodes.analyzer")
+    core = pack.core
+    per_side = {"reference": [], "target": []}
+    for side, clip in zip(("reference", "target"), clips):
+        hf = tq.hf_model(*tiny_weights(side))
+        for p in PROMPTS:
+            hidden, ids = analyzer.encode_hidden(clip, p, "all", side)
+            expected = torch.cat(tq.run_hidden_states(hf, ids))  # [L + 1, T, D]
+            torch.testing.assert_close(hidden, expected, rtol=1e-4, atol=1e-4)
+            per_side[side].append((expected[-3], ids))
+    table = run(node, reference=clips[0], target=clips[1], layer=-3).args[0]
+    for side, mean, std in (("reference", table.reference_mean, table.reference_std),
+                            ("target", table.target_mean, table.target_std)):
+        direct = direct_stats(core, per_side[side])
+        torch.testing.assert_close(mean, direct.float32()[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(std, direct.float32()[1], rtol=1e-4, atol=1e-5)
+
+
 def test_sweep_one_forward_per_prompt_and_equals_single_runs(node, clips, capture, monkeypatch, fast_plots):
     ref_clip, tgt_clip = clips
     counts = {"reference": 0, "target": 0}
@@ -199,45 +211,49 @@ def test_sweep_one_forward_per_prompt_and_equals_single_runs(node, clips, captur
     assert run(node, reference=ref_clip, target=tgt_clip, layer=N_LAYERS).args[0].meta.layer == -1
 
 
-class _FakeDiT:
-    """Stand-in for a ModelPatcher exposing ``model.diffusion_model.cap_embedder`` (RMSNorm -> Linear)."""
-
-    def __init__(self, width: int, dim: int = 32, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        norm = torch.nn.RMSNorm(width, eps=1e-5)
-        linear = torch.nn.Linear(width, dim)
-        with torch.no_grad():
-            norm.weight.copy_(torch.rand(width, generator=g) + 0.5)
-            linear.weight.copy_(torch.randn(dim, width, generator=g))
-            linear.bias.copy_(torch.randn(dim, generator=g))
-        self.cap = torch.nn.Sequential(norm, linear)
-        self.model = type("M", (), {})()
-        self.model.diffusion_model = type("D", (), {})()
-        self.model.diffusion_model.cap_embedder = self.cap
+@pytest.fixture(scope="module")
+def tiny_dit(comfy):
+    """The tiny Z-Image DiT (random weights, caption width = the encoders' width) loaded as a ComfyUI MODEL."""
+    with tz.install_tiny_detection_patch(text_encoders=False):
+        sd = tz.make_tiny_dit_state_dict(cap_feat_dim=HIDDEN, seed=3)
+        return comfy.sd.load_diffusion_model_state_dict(sd)
 
 
-def test_dit_aware_numbers_equal_direct_computation(node, pack, clips, capture, fast_plots):
+def test_dit_aware_numbers_equal_direct_computation(node, pack, clips, capture, tiny_dit, fast_plots):
     ref_clip, tgt_clip = clips
-    dit = _FakeDiT(HIDDEN)
-    report = run(node, reference=ref_clip, target=tgt_clip, model=dit).args[1]
+    report = run(node, reference=ref_clip, target=tgt_clip, model=tiny_dit).args[1]
     res = capture[-1].result()
     core = pack.core
-    norm, linear = dit.cap[0], dit.cap[1]
-    s = (norm.weight.double().abs() * linear.weight.double().norm(dim=0) * res.comparison.sigma_ref.double())
+    gain, weight, bias, eps = tz.zimage_cap_embedder(tiny_dit)
+    assert capture[-1].dit_eps == eps
+    s = gain.double().abs() * weight.double().norm(dim=0) * res.comparison.sigma_ref.double()
     torch.testing.assert_close(res.sensitivity, s.float())
     score = s * res.comparison.log_ratio.double().abs()
     assert [r["dim"] for r in res.dit_ranking[:5]] == torch.argsort(score, descending=True, stable=True)[:5].tolist()
+    norm = torch.nn.RMSNorm(HIDDEN, eps=eps, dtype=torch.float64)
+    linear = torch.nn.Linear(HIDDEN, weight.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        norm.weight.copy_(gain)
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
     cos = []
     for p in PROMPTS:
         r, ids = stock_cond(ref_clip, p)
         t, _ = stock_cond(tgt_clip, p)
         m = core.tokens.scope_mask(core.tokens.classify_ids(ids), "content")
         with torch.no_grad():
-            cos.append(torch.nn.functional.cosine_similarity(dit.cap(r[m]).double(), dit.cap(t[m]).double(), dim=-1))
-    assert res.caption_cosine == pytest.approx(float(torch.cat(cos).mean()), abs=1e-5)
+            fa, fb = linear(norm(r[m].double())), linear(norm(t[m].double()))
+        cos.append(torch.nn.functional.cosine_similarity(fa, fb, dim=-1))
+    assert res.caption_cosine == pytest.approx(float(torch.cat(cos).mean()), abs=1e-6)
     assert "## DiT-aware view" in report
-    with pytest.raises(ValueError, match="32-dim caption features"):
-        run(node, reference=ref_clip, target=tgt_clip, model=_FakeDiT(32))
+
+
+def test_dit_input_is_checked(node, clips, tiny_dit, comfy):
+    ref_clip, tgt_clip = clips
+    with tz.install_tiny_detection_patch(text_encoders=False):
+        wide = comfy.sd.load_diffusion_model_state_dict(tz.make_tiny_dit_state_dict(cap_feat_dim=96, seed=4))
+    with pytest.raises(ValueError, match="96-dim caption features but the encoders have 64"):
+        run(node, reference=ref_clip, target=tgt_clip, model=wide)
     with pytest.raises(ValueError, match="not a Z-Image"):
         run(node, reference=ref_clip, target=tgt_clip, model=object())
 
