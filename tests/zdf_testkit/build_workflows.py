@@ -244,8 +244,9 @@ def blend(specs: dict) -> Graph:
     pos_ref = encode(g, ref, prompt, (400, 330), "Encode (reference)")
     pos_sub = encode(g, sub, prompt, (400, 460), "Encode (substitute)")
     neg = g.add("ConditioningZeroOut", (400, 590), title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
-    mixed = g.add(NODE_IDS["blend"], (800, 300), title="Embedding Blend", widgets={"alpha": 0.8, "align": "pool", "outliers": "none",
-                                                          "rms_match": True, "table_file": "none"},
+    mixed = g.add(NODE_IDS["blend"], (800, 300), title="Embedding Blend",
+                  widgets={"alpha": 0.8, "align": "pool", "outliers": "none", "rms_match": True,
+                           "table_file": "none"},
                   inputs={"primary": (pos_ref, 0), "secondary": (pos_sub, 0)})
     images = []
     for k, (cond, name) in enumerate([(pos_ref, "reference"), (mixed, "blend")]):
@@ -272,7 +273,8 @@ def layer_select(specs: dict) -> Graph:
     ref = reference_clip(g, (400, 0))
     spec = g.specs[NODE_IDS["layers"]]
     layer_widgets = {i["name"]: LAYER_WIDGETS[i["name"]] for i in spec["inputs"] if i["widget"]}
-    chosen = g.add(NODE_IDS["layers"], (400, 150), title="Hidden Layer Select", widgets=layer_widgets, inputs={"clip": (ref, 0)})
+    chosen = g.add(NODE_IDS["layers"], (400, 150), title="Hidden Layer Select", widgets=layer_widgets,
+                   inputs={"clip": (ref, 0)})
     pos_ref = encode(g, ref, prompt, (400, 330), "Encode (layer -2, default)")
     pos_sel = encode(g, chosen, prompt, (400, 460), f"Encode (layer {LAYER})")
     neg = g.add("ConditioningZeroOut", (400, 590), title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})

@@ -58,7 +58,7 @@ TINY_TE_FILE = "tiny_qwen3.safetensors"            # in models/text_encoders (Qw
 TINY_SUBSTITUTE_DIR = "tiny_qwen3_embedding"       # in models/text_encoders (HF folder, flat keys)
 
 # Tiny text encoder (Qwen3 layout): width = CAP_FEAT_DIM, 1 query / 1 key-value head of width 128.
-TE_LAYERS = 4
+TE_LAYERS = 8  # deep enough for the shipped layer-select workflow (HF layer -6)
 TE_INTERMEDIATE = 128
 TE_VOCAB = 151936
 SUBSTITUTE_VOCAB = 151665
@@ -360,7 +360,8 @@ def write_tiny_models(models_dir: str | os.PathLike, cap_feat_dim: int = CAP_FEA
     - ``diffusion_models/tiny_zimage.safetensors``: tiny Z-Image DiT (bf16) consuming ``cap_feat_dim``;
     - ``vae/tiny_taesd16.safetensors``: 16-channel TAESD;
     - ``text_encoders/tiny_qwen3.safetensors``: the "reference" encoder, Qwen3-4B layout with ComfyUI keys
-      (``model.`` prefix, vocab 151936), width ``cap_feat_dim``, 4 layers, bf16 (``zdf_testkit.tiny_qwen3``);
+      (``model.`` prefix, vocab 151936), width ``cap_feat_dim``, ``TE_LAYERS`` (8) layers, bf16
+      (made with ``zdf_testkit.tiny_qwen3``);
     - ``text_encoders/tiny_qwen3_embedding/``: the "substitute" encoder as a Hugging Face folder
       (``config.json`` + ``model.safetensors``) in Qwen3-Embedding's flat key layout (no ``model.``
       prefix), vocab 151665, another seed.
@@ -398,7 +399,9 @@ PATCH_NODE_NAME = "zdf_test_patch"
 
 
 def install_test_patch_node(custom_nodes_dir: str | os.PathLike, name: str = PATCH_NODE_NAME) -> Path:
-    """Copy the TEST-ONLY patch node (plus this module and ``tiny_qwen3``) to ``custom_nodes_dir/name``; returns the folder.
+    """Copy the TEST-ONLY patch node (plus this module and ``tiny_qwen3``) to ``custom_nodes_dir/name``.
+
+    Returns the folder.
 
     A ComfyUI server started with that ``custom_nodes`` folder installs :func:`install_tiny_detection_patch`
     at start-up. Custom nodes load in alphabetical order of their folder names, all before any prompt runs.
