@@ -117,12 +117,15 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8, help="transformer blocks in the benchmark checkpoint")
     ap.add_argument("--repeats", type=int, default=2, help="loads per loader (alternating); medians are reported")
     ap.add_argument("--keep", type=Path, default=None, help="folder to keep (and reuse) the checkpoint in")
-    ap.add_argument("--child", choices=("pack", "stock"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("pack", "stock", "make"), help=argparse.SUPPRESS)
     ap.add_argument("--file", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if not os.environ.get("COMFYUI_PATH"):
         raise SystemExit("bench_loader needs a ComfyUI 0.8 source tree: set COMFYUI_PATH and run with an interpreter "
                          "that has ComfyUI's requirements installed")
+    if a.child == "make":
+        make_checkpoint(a.file, a.layers)
+        return
     if a.child:
         child(a.child, a.file, a.layers)
         return
@@ -136,7 +139,10 @@ def main() -> None:
     try:
         if not file.is_file():
             t0 = time.perf_counter()
-            make_checkpoint(file, a.layers)
+            # In a subprocess: Linux keeps ru_maxrss across fork/exec, so a large parent would inflate the
+            # children's peaks.
+            subprocess.run([sys.executable, __file__, "--child", "make", "--file", str(file), "--layers",
+                            str(a.layers)], check=True)
             print(f"checkpoint: {file.name} {file.stat().st_size / 1e9:.2f} GB, made in {time.perf_counter() - t0:.1f} s")
         else:
             print(f"checkpoint: {file.name} {file.stat().st_size / 1e9:.2f} GB (reused)")
