@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -357,32 +355,4 @@ def apply_fix(x: torch.Tensor, table: FixTable, mode: str, *, strength: float = 
     _check_width(x, table.dim, f"fix table ({table.meta.target_model or 'target'} vs "
                                f"{table.meta.reference_model or 'reference'})")
     mask = token_mask_for(x.shape[-2], scope, labels)
-    return apply_plan(x, cached_plan(table, mode, strength, thresholds), mask)
-
-
-_PLAN_CACHE: OrderedDict = OrderedDict()
-_PLAN_CACHE_SIZE = 32
-_PLAN_LOCK = threading.Lock()
-
-
-def cached_plan(table: FixTable, mode: str, strength: float = 1.0, thresholds: Thresholds | None = None) -> FixPlan:
-    """:func:`plan_fix`, memoised on the table's tensor objects and their in-place version counters.
-
-    Cache entries hold references to the tensors they were keyed on, so an object id cannot be reused
-    while its entry lives; modifying a tensor in place bumps its version and misses the cache.
-    """
-    named = [(n, getattr(table, n)) for n in ("reference_mean", "reference_std", "target_mean", "target_std")]
-    named += sorted(table.extras.items())
-    key = (mode, float(strength), thresholds or table.meta.thresholds,
-           tuple((n, id(t), t._version) for n, t in named))
-    with _PLAN_LOCK:
-        hit = _PLAN_CACHE.get(key)
-        if hit is not None:
-            _PLAN_CACHE.move_to_end(key)
-            return hit[1]
-    plan = plan_fix(table, mode, strength, thresholds)
-    with _PLAN_LOCK:
-        _PLAN_CACHE[key] = (tuple(t for _, t in named), plan)
-        while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.popitem(last=False)
-    return plan
+    return apply_plan(x, plan_fix(table, mode, strength, thresholds), mask)
