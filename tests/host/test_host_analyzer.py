@@ -78,8 +78,10 @@ def fast_plots(pack, monkeypatch):
 
 
 def run(node, **kw):
+    """``node.execute`` the way ComfyUI's executor runs every node: under ``torch.inference_mode()``."""
     kw.setdefault("prompts", "\n".join(PROMPTS))
-    return node.execute(**kw)
+    with torch.inference_mode():
+        return node.execute(**kw)
 
 
 def stock_cond(clip, text):
