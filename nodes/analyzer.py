@@ -105,9 +105,12 @@ def encode_hidden(clip, text: str, layers: list[int] | str, socket: str) -> tupl
 
 
 def _model_name(clip, socket: str) -> str:
-    named = getattr(clip, "dimfix_model_name", None)
-    if isinstance(named, str) and named:
-        return named
+    """A name for the table's metadata: ``dimfix_model_name`` if a loader recorded one on the CLIP or on its
+    (clone-shared) ``cond_stage_model``, else the architecture, depth, vocabulary and width."""
+    for owner in (clip, getattr(clip, "cond_stage_model", None)):
+        named = getattr(owner, "dimfix_model_name", None)
+        if isinstance(named, str) and named:
+            return named
     inner = _inner(clip, socket)
     transformer = getattr(inner, "transformer", None)
     shape = None

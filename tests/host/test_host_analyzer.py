@@ -339,6 +339,29 @@ def test_bad_inputs_give_clear_errors(node, clips):
         run(node, reference_conditioning=cond, target_conditioning=cond, sweep_all_layers=True)
 
 
+def test_target_from_pack_loader_with_appended_eos(node, pack, comfy, clips, capture, fast_plots):
+    """Qwen3-Embedding layout (HF folder, flat keys) through the pack's loader, with its appended <|endoftext|>:
+    the extra token is labelled, left out of the content statistics and of the aligned cosine."""
+    sd, config = tiny_weights("target")
+    tq.save_hf_folder(sd, config, comfy.models / "text_encoders" / "zdf_analyzer_emb", shards=2, flat=True)
+    comfy.folder_paths.filename_list_cache.clear()
+    loader = pack.nodes["DimFixQwen3EmbeddingLoader"]
+    with torch.inference_mode():
+        emb = loader.execute(model_name="zdf_analyzer_emb", dtype="fp32", append_eos=True).args[0]
+    ref_clip, tgt_clip = clips
+    with_eos = run(node, reference=ref_clip, target=emb).args[0]
+    res = capture[-1]
+    without = run(node, reference=ref_clip, target=tgt_clip).args[0]
+    base = capture[-1]
+    assert res.class_counts["target"]["appended_eos"] == len(PROMPTS)
+    assert res.class_counts["reference"]["appended_eos"] == 0
+    assert res.class_counts["target"]["content"] == base.class_counts["target"]["content"]
+    for name in ("target_mean", "target_std", "reference_std"):
+        torch.testing.assert_close(getattr(with_eos, name), getattr(without, name), rtol=1e-5, atol=1e-6)
+    assert res.result().cosine_tokens == base.result().cosine_tokens
+    assert res.result().cosine == pytest.approx(base.result().cosine, abs=1e-5)
+
+
 def test_empty_prompts_use_the_default_corpus(node, pack, clips, fast_plots):
     ref_clip, tgt_clip = clips
     table = run(node, reference=ref_clip, target=tgt_clip, prompts="  \n\n").args[0]
