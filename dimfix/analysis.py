@@ -157,7 +157,14 @@ class LayerResult:
 
 @dataclass
 class AnalysisResult:
-    """Output of :meth:`CorpusAnalysis.finish`; see the module docs for the definitions."""
+    """Output of :meth:`CorpusAnalysis.finish`; see the module docs for the definitions.
+
+    - ``layers``: analysed HF indices; ``results``: a :class:`LayerResult` per layer; ``report_layer``:
+      the first primary layer (default for :meth:`result`, :meth:`fix_table`, the report and plots).
+    - ``class_counts``: ``{"reference"|"target": {class name: token count}}`` over all prompts.
+    - ``warnings``: too few tokens, prompts left out of the consistency split or the cosine, ...
+    - ``prompt_cosines``: ``(index, prompt, mean aligned cosine at the report layer)`` per prompt.
+    """
 
     layers: list[int]
     results: dict[int, LayerResult]
