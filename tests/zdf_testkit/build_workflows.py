@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from .workflow_builder import Graph, write_json
+from .workflow_builder import Column, Graph, write_json
 from .workflow_specs import load_specs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,9 +80,9 @@ def note(g: Graph, text: str, pos=(-520, 0), size=(460, 520)):
     return g.add("MarkdownNote", pos, title="Read me", widgets={"text": text}, size=size)
 
 
-def dit_chain(g: Graph, pos=(0, 0)):
-    unet = g.add("UNETLoader", pos, widgets={"unet_name": DIT["name"], "weight_dtype": "default"}, models=[DIT])
-    ms = g.add("ModelSamplingAuraFlow", (pos[0], pos[1] + 130), widgets={"shift": SHIFT}, inputs={"model": (unet, 0)})
+def dit_chain(g: Graph, col: Column):
+    unet = g.add("UNETLoader", col, widgets={"unet_name": DIT["name"], "weight_dtype": "default"}, models=[DIT])
+    ms = g.add("ModelSamplingAuraFlow", col, widgets={"shift": SHIFT}, inputs={"model": (unet, 0)})
     return unet, ms
 
 
@@ -110,16 +110,16 @@ def vae_loader(g: Graph, pos):
     return g.add("VAELoader", pos, widgets={"vae_name": VAE["name"]}, models=[VAE])
 
 
-def prompt_and_seed(g: Graph, pos):
-    prompt = g.add("PrimitiveStringMultiline", pos, title="Prompt", widgets={"value": PROMPT}, size=(320, 130))
-    seed = g.add("PrimitiveInt", (pos[0], pos[1] + 170), title="Seed", widgets={"value": SEED},
+def prompt_and_seed(g: Graph, col: Column):
+    prompt = g.add("PrimitiveStringMultiline", col, title="Prompt", widgets={"value": PROMPT})
+    seed = g.add("PrimitiveInt", col, title="Seed", widgets={"value": SEED},
                  control={"value": "fixed"})
     return prompt, seed
 
 
 def encode(g: Graph, clip, prompt, pos, title):
     return g.add("CLIPTextEncode", pos, title=title, widgets={"text": ""},
-                 inputs={"clip": (clip, 0), "text": (prompt, 0)}, size=(320, 90))
+                 inputs={"clip": (clip, 0), "text": (prompt, 0)})
 
 
 def sampler(g: Graph, model, positive, negative, latent, seed, pos, title):
@@ -131,7 +131,7 @@ def sampler(g: Graph, model, positive, negative, latent, seed, pos, title):
 
 
 def decode(g: Graph, samples, vae, pos):
-    return g.add("VAEDecode", pos, inputs={"samples": (samples, 0), "vae": (vae, 0)}, size=(210, 50))
+    return g.add("VAEDecode", pos, inputs={"samples": (samples, 0), "vae": (vae, 0)}, size=(210, 60))
 
 
 def grid(g: Graph, images: list, labels: list[str], prompt, pos, title: str, columns: int = 0):
@@ -140,15 +140,15 @@ def grid(g: Graph, images: list, labels: list[str], prompt, pos, title: str, col
         inputs[f"image_{k}"] = (im, 0)
     return g.add(NODE_IDS["grid"], pos, title="Fix Comparison Grid",
                  widgets={"labels": "\n".join(labels), "title": title, "subtitle": "", "columns": columns,
-                          "fit": "pad"}, inputs=inputs, size=(720, 640))
+                          "fit": "pad"}, inputs=inputs, size=(720, 620))
 
 
-def common_front(g: Graph, x0=0):
+def common_front(g: Graph, col: Column):
     """Model, sampling shift, VAE, prompt, seed, empty latent."""
-    unet, model = dit_chain(g, (x0, 0))
-    vae = vae_loader(g, (x0, 260))
-    prompt, seed = prompt_and_seed(g, (x0, 380))
-    latent = g.add("EmptySD3LatentImage", (x0, 680), widgets={"width": SIZE, "height": SIZE, "batch_size": 1})
+    unet, model = dit_chain(g, col)
+    vae = vae_loader(g, col)
+    prompt, seed = prompt_and_seed(g, col)
+    latent = g.add("EmptySD3LatentImage", col, widgets={"width": SIZE, "height": SIZE, "batch_size": 1})
     return unet, model, vae, prompt, seed, latent
 
 
@@ -169,29 +169,30 @@ def fix_comparison_grid(specs: dict) -> Graph:
             "`workflows/api/zimage_dimfix_fix_comparison_grid.json` runs over many prompts with `python -m "
             "dimfix.batch --prompt-node Prompt --prompt-input value --seed-node Seed --seed-input value ...`.",
          size=(480, 900))
-    unet, model, vae, prompt, seed, latent = common_front(g)
-    ref = reference_clip(g, (400, 0))
-    sub = substitute_clip(g, (400, 150))
-    pos_ref = encode(g, ref, prompt, (400, 330), "Encode (reference)")
-    pos_sub = encode(g, sub, prompt, (400, 460), "Encode (substitute)")
-    neg = g.add("ConditioningZeroOut", (400, 590), title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
-    analyzer = g.add(NODE_IDS["analyzer"], (400, 700), title="Dimension Analyzer", widgets=ANALYZER_WIDGETS,
-                     inputs={"reference": (ref, 0), "target": (sub, 0), "model": (unet, 0)}, size=(400, 560))
+    unet, model, vae, prompt, seed, latent = common_front(g, Column(0))
+    col = Column(400)
+    ref = reference_clip(g, col)
+    sub = substitute_clip(g, col)
+    pos_ref = encode(g, ref, prompt, col, "Encode (reference)")
+    pos_sub = encode(g, sub, prompt, col, "Encode (substitute)")
+    neg = g.add("ConditioningZeroOut", col, title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
+    analyzer = g.add(NODE_IDS["analyzer"], col, title="Dimension Analyzer", widgets=ANALYZER_WIDGETS,
+                     inputs={"reference": (ref, 0), "target": (sub, 0), "model": (unet, 0)})
     fixes = []
-    for k, mode in enumerate(modes):
-        fixes.append(g.add(NODE_IDS["fix"], (880, k * 250), title=f"Fix: {mode}",
-                           widgets={**FIX_WIDGETS, "mode": mode}, inputs={"conditioning": (pos_sub, 0),
-                                                                          "fix_table": (analyzer, 0)}))
+    col = Column(800, 200)
+    for mode in modes:
+        fixes.append(g.add(NODE_IDS["fix"], col, title=f"Fix: {mode}", widgets={**FIX_WIDGETS, "mode": mode},
+                           inputs={"conditioning": (pos_sub, 0), "fix_table": (analyzer, 0)}))
     images = []
+    col = Column(1200)
     for k, cond in enumerate([pos_ref, *fixes]):
-        y = k * 250 - 250
-        ks = sampler(g, model, cond, neg, latent, seed, (1240, y), "KSampler (reference)" if k == 0
+        ks = sampler(g, model, cond, neg, latent, seed, col, "KSampler (reference)" if k == 0
                      else f"KSampler ({modes[k - 1]})")
-        images.append(decode(g, ks, vae, (1600, y + 60)))
+        images.append(decode(g, ks, vae, (1560, ks.pos[1])))
     labels = ["Qwen3-4B (reference)", *[f"Fix: {m}" for m in modes]]
-    gr = grid(g, images, labels, prompt, (1880, 0), "Dimension Fix Comparison", columns=4)
-    g.add("SaveImage", (2640, 0), widgets={"filename_prefix": "zimage_dimfix/fix_grid"}, inputs={"images": (gr, 0)},
-          size=(640, 520))
+    gr = grid(g, images, labels, prompt, (1820, 0), "Dimension Fix Comparison", columns=4)
+    g.add("SaveImage", (1820, 700), widgets={"filename_prefix": "zimage_dimfix/fix_grid"},
+          inputs={"images": (gr, 0)}, size=(720, 560))
     return g
 
 
@@ -217,14 +218,15 @@ def analyze(specs: dict) -> Graph:
             "optional: connected, the report adds the DiT's view (caption-embedder sensitivity). "
             "`sweep_all_layers` adds a per-layer table from the same single forward per prompt.\n\n"
             + MODELS_NOTE, size=(460, 620))
-    unet = g.add("UNETLoader", (0, 0), widgets={"unet_name": DIT["name"], "weight_dtype": "default"}, models=[DIT])
-    ref = reference_clip(g, (0, 130))
-    sub = substitute_clip(g, (0, 280))
+    col = Column(0)
+    unet = g.add("UNETLoader", col, widgets={"unet_name": DIT["name"], "weight_dtype": "default"}, models=[DIT])
+    ref = reference_clip(g, col)
+    sub = substitute_clip(g, col)
     analyzer = g.add(NODE_IDS["analyzer"], (400, 0), title="Dimension Analyzer",
                      widgets={**ANALYZER_WIDGETS, "save_name": TABLE_NAME},
                      inputs={"reference": (ref, 0), "target": (sub, 0), "model": (unet, 0)}, size=(420, 620))
     g.add("PreviewAny", (880, 0), title="Report", inputs={"source": (analyzer, 1)}, size=(620, 560))
-    g.add("SaveImage", (880, 620), widgets={"filename_prefix": "zimage_dimfix/analysis"},
+    g.add("SaveImage", (880, 640), widgets={"filename_prefix": "zimage_dimfix/analysis"},
           inputs={"images": (analyzer, 2)}, size=(620, 520))
     return g
 
@@ -238,24 +240,26 @@ def blend(specs: dict) -> Graph:
             "(Dimension Analyzer, or `table_file`) to treat the substitute's outlier dims (`outliers`).\n\nThe "
             "grid shows the reference image beside the blend.\n\n" + SAMPLING_NOTE + "\n\n" + MODELS_NOTE,
          size=(460, 700))
-    unet, model, vae, prompt, seed, latent = common_front(g)
-    ref = reference_clip(g, (400, 0))
-    sub = substitute_clip(g, (400, 150))
-    pos_ref = encode(g, ref, prompt, (400, 330), "Encode (reference)")
-    pos_sub = encode(g, sub, prompt, (400, 460), "Encode (substitute)")
-    neg = g.add("ConditioningZeroOut", (400, 590), title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
-    mixed = g.add(NODE_IDS["blend"], (800, 300), title="Embedding Blend",
+    unet, model, vae, prompt, seed, latent = common_front(g, Column(0))
+    col = Column(400)
+    ref = reference_clip(g, col)
+    sub = substitute_clip(g, col)
+    pos_ref = encode(g, ref, prompt, col, "Encode (reference)")
+    pos_sub = encode(g, sub, prompt, col, "Encode (substitute)")
+    neg = g.add("ConditioningZeroOut", col, title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
+    mixed = g.add(NODE_IDS["blend"], (800, 320), title="Embedding Blend",
                   widgets={"alpha": 0.8, "align": "pool", "outliers": "none", "rms_match": True,
                            "table_file": "none"},
                   inputs={"primary": (pos_ref, 0), "secondary": (pos_sub, 0)})
     images = []
-    for k, (cond, name) in enumerate([(pos_ref, "reference"), (mixed, "blend")]):
-        ks = sampler(g, model, cond, neg, latent, seed, (1160, k * 330), f"KSampler ({name})")
-        images.append(decode(g, ks, vae, (1520, k * 330 + 60)))
-    gr = grid(g, images, ["Qwen3-4B (reference)", f"Blend α=0.8 with {SUBSTITUTE}"], prompt, (1780, 0),
+    col = Column(1200)
+    for cond, name in [(pos_ref, "reference"), (mixed, "blend")]:
+        ks = sampler(g, model, cond, neg, latent, seed, col, f"KSampler ({name})")
+        images.append(decode(g, ks, vae, (1560, ks.pos[1])))
+    gr = grid(g, images, ["Qwen3-4B (reference)", f"Blend α=0.8 with {SUBSTITUTE}"], prompt, (1820, 0),
               "Embedding Blend")
-    g.add("SaveImage", (2540, 0), widgets={"filename_prefix": "zimage_dimfix/blend"}, inputs={"images": (gr, 0)},
-          size=(640, 520))
+    g.add("SaveImage", (1820, 700), widgets={"filename_prefix": "zimage_dimfix/blend"}, inputs={"images": (gr, 0)},
+          size=(720, 560))
     return g
 
 
@@ -269,23 +273,25 @@ def layer_select(specs: dict) -> Graph:
             "embeddings) and checks it against the model's real depth — unlike CLIP Set Last Layer, whose "
             "numbering is shifted by one and cannot reach every layer. The grid compares the default layer "
             f"with layer {LAYER} for the same seed.\n\n" + SAMPLING_NOTE + "\n\n" + MODELS_NOTE, size=(460, 600))
-    unet, model, vae, prompt, seed, latent = common_front(g)
-    ref = reference_clip(g, (400, 0))
+    unet, model, vae, prompt, seed, latent = common_front(g, Column(0))
+    col = Column(400)
+    ref = reference_clip(g, col)
     spec = g.specs[NODE_IDS["layers"]]
     layer_widgets = {i["name"]: LAYER_WIDGETS[i["name"]] for i in spec["inputs"] if i["widget"]}
-    chosen = g.add(NODE_IDS["layers"], (400, 150), title="Hidden Layer Select", widgets=layer_widgets,
+    chosen = g.add(NODE_IDS["layers"], col, title="Hidden Layer Select", widgets=layer_widgets,
                    inputs={"clip": (ref, 0)})
-    pos_ref = encode(g, ref, prompt, (400, 330), "Encode (layer -2, default)")
-    pos_sel = encode(g, chosen, prompt, (400, 460), f"Encode (layer {LAYER})")
-    neg = g.add("ConditioningZeroOut", (400, 590), title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
+    pos_ref = encode(g, ref, prompt, col, "Encode (layer -2, default)")
+    pos_sel = encode(g, chosen, prompt, col, f"Encode (layer {LAYER})")
+    neg = g.add("ConditioningZeroOut", col, title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
     images = []
-    for k, (cond, name) in enumerate([(pos_ref, "layer -2"), (pos_sel, f"layer {LAYER}")]):
-        ks = sampler(g, model, cond, neg, latent, seed, (800, k * 330), f"KSampler ({name})")
-        images.append(decode(g, ks, vae, (1160, k * 330 + 60)))
+    col = Column(800)
+    for cond, name in [(pos_ref, "layer -2"), (pos_sel, f"layer {LAYER}")]:
+        ks = sampler(g, model, cond, neg, latent, seed, col, f"KSampler ({name})")
+        images.append(decode(g, ks, vae, (1160, ks.pos[1])))
     gr = grid(g, images, ["Qwen3-4B layer -2 (default)", f"Qwen3-4B layer {LAYER}"], prompt, (1420, 0),
               "Hidden layer comparison")
-    g.add("SaveImage", (2180, 0), widgets={"filename_prefix": "zimage_dimfix/layer"}, inputs={"images": (gr, 0)},
-          size=(640, 520))
+    g.add("SaveImage", (1420, 700), widgets={"filename_prefix": "zimage_dimfix/layer"}, inputs={"images": (gr, 0)},
+          size=(720, 560))
     return g
 
 

@@ -42,6 +42,26 @@ class Node:
         return self, slot
 
 
+@dataclass
+class Column:
+    """A vertical stack of nodes at ``x``: each node added with this column as ``pos`` goes below the last."""
+
+    x: float
+    y: float = 0.0
+    gap: float = 50.0  # between a node's bottom and the next node's title bar
+
+    def place(self, height: float) -> tuple[float, float]:
+        pos = (self.x, self.y)
+        self.y += height + TITLE_HEIGHT + self.gap
+        return pos
+
+
+TITLE_HEIGHT = 30.0
+SLOT_HEIGHT = 20.0
+WIDGET_HEIGHT = 24.0
+MULTILINE_HEIGHT = 110.0
+
+
 class Graph:
     """Collect nodes and links; :meth:`ui` and :meth:`api` render the two formats."""
 
@@ -55,12 +75,12 @@ class Graph:
         self.workflow_id = workflow_id or str(uuid.uuid4())
 
     # ------------------------------------------------------------------ construction
-    def add(self, type_: str, pos: tuple[float, float], title: str | None = None, widgets: dict | None = None,
+    def add(self, type_: str, pos: "tuple[float, float] | Column", title: str | None = None, widgets: dict | None = None,
             inputs: dict | None = None, size: tuple[float, float] | None = None, models: list | None = None,
             control: dict | None = None, color: str | None = None) -> Node:
         """Add a node. ``widgets``: every widget's value (also for link-driven widgets: the UI keeps it);
         ``inputs``: name → ``(node, output_slot)`` for sockets and link-driven widgets; ``control``:
-        widget name → control_after_generate value (default "fixed")."""
+        widget name → control_after_generate value (default "fixed"); ``pos`` a point or a :class:`Column`."""
         spec = self.specs.get(type_)
         if spec is None:
             raise KeyError(f"no spec for node type {type_!r}; add it to the specs table")
@@ -78,7 +98,10 @@ class Graph:
         for i in spec["inputs"]:
             if not i["widget"] and not i["optional"] and i["name"] not in inputs:
                 raise ValueError(f"{type_}: required socket {i['name']!r} is not connected")
-        node = Node(len(self.nodes) + 1, type_, pos, title, widgets, inputs, size, models, dict(control or {}), color)
+        node = Node(len(self.nodes) + 1, type_, (0.0, 0.0), title, widgets, inputs, size, models,
+                    dict(control or {}), color)
+        node.size = tuple(self._size(node))
+        node.pos = pos.place(node.size[1]) if isinstance(pos, Column) else tuple(pos)
         self.nodes.append(node)
         return node
 
@@ -109,17 +132,18 @@ class Graph:
             done.append(ready[0])
         return {nid: k for k, nid in enumerate(done)}
 
-    def _size(self, node: Node, n_in: int, n_out: int) -> list[float]:
+    def _size(self, node: Node) -> list[float]:
+        """The given size, else one that fits the node's slots and widgets as the frontend draws them."""
         if node.size:
             return list(node.size)
         spec = self._spec(node)
-        rows = max(n_in, n_out)
-        h = 30 + 22 * rows
+        rows = max(len(self._ui_inputs(node)), len(spec["outputs"]))
+        h = 14 + SLOT_HEIGHT * rows
         for i in spec["inputs"]:
             if i["widget"]:
-                h += 110 if i["type"] == "STRING" and len(str(node.widgets.get(i["name"], ""))) > 40 else 26
-                h += 26 if i.get("control") else 0
-        return [320, h]
+                h += MULTILINE_HEIGHT if i.get("multiline") else WIDGET_HEIGHT
+                h += WIDGET_HEIGHT if i.get("control") else 0
+        return [320.0, float(h)]
 
     # ------------------------------------------------------------------ rendering
     def ui(self) -> dict:
@@ -160,7 +184,7 @@ class Graph:
             if node.models:
                 props["models"] = node.models
             entry = {"id": node.id, "type": node.type, "pos": list(node.pos),
-                     "size": self._size(node, len(inputs), len(outputs)), "flags": {}, "order": order[node.id],
+                     "size": list(node.size), "flags": {}, "order": order[node.id],
                      "mode": 0, "inputs": inputs, "outputs": outputs, "properties": props,
                      "widgets_values": values}
             if node.title:

@@ -1,7 +1,8 @@
 """Socket/widget specs of the node types used by the bundled workflows (checked-in table + live extraction).
 
 A spec says, per node type, which inputs are sockets and which are widgets (and which widgets carry the
-extra ``control_after_generate`` entry in a UI workflow's ``widgets_values``), plus the output types:
+extra ``control_after_generate`` entry in a UI workflow's ``widgets_values``; ``multiline`` marks tall
+text boxes), plus the output types:
 
     {"KSampler": {"inputs": [{"name": "model", "type": "MODEL", "widget": false, "optional": false},
                              {"name": "seed", "type": "INT", "widget": true, "control": true, ...}, ...],
@@ -24,9 +25,9 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 #: Node types that exist only in the frontend (never in API-format workflows).
 FRONTEND_ONLY: dict[str, dict] = {
-    "MarkdownNote": {"inputs": [{"name": "text", "type": "STRING", "widget": True, "optional": False}],
-                     "outputs": [], "output_node": False},
-    "Note": {"inputs": [{"name": "text", "type": "STRING", "widget": True, "optional": False}],
+    "MarkdownNote": {"inputs": [{"name": "text", "type": "STRING", "widget": True, "optional": False,
+                                 "multiline": True}], "outputs": [], "output_node": False},
+    "Note": {"inputs": [{"name": "text", "type": "STRING", "widget": True, "optional": False, "multiline": True}],
              "outputs": [], "output_node": False},
 }
 
@@ -53,6 +54,8 @@ def spec_from_info(info: dict) -> dict:
                     "optional": section == "optional"}
             if widget and opts.get("control_after_generate"):
                 item["control"] = True
+            if widget and opts.get("multiline"):
+                item["multiline"] = True
             inputs.append(item)
     names = info.get("output_name") or info.get("output") or []
     outputs = [{"name": n, "type": t} for n, t in zip(names, info.get("output") or [])]
