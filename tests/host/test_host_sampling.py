@@ -15,6 +15,7 @@ import torch
 from zdf_testkit import tiny_zimage as tz
 
 LOADER_ID = "DimFixQwen3EmbeddingLoader"
+LAYERS_ID = "DimFixHiddenLayerSelect"
 FIX_ID = "DimFixEmbeddingDimensionFix"
 BLEND_ID = "DimFixEmbeddingBlend"
 ANALYZER_ID = "DimFixDimensionAnalyzer"
@@ -241,6 +242,22 @@ def test_blend_node_conditioning_samples(comfy, pack, stack, fix_table):
                         rms_match=True, fix_table=fix_table).args[0]
         assert_all_ones_masks(cond)
         assert cond[0][0].shape == primary[0][0].shape
+        rec = Recorder()
+        z = sample(comfy, model, cond, recorder=rec)
+        assert torch.isfinite(z).all() and all(c["mask"] is None for c in rec.calls)
+
+
+def test_hidden_layer_select_conditioning_samples(comfy, pack, stack):
+    layers = pack.nodes[LAYERS_ID]
+    if is_placeholder(layers):
+        pytest.skip("Hidden Layer Select is still a placeholder")
+    model, clip, sub, _ = stack
+    for source in (clip, sub):
+        default = encode(comfy, source)
+        chosen = run_node(layers, clip=source, layer=-6).args[0]
+        cond = encode(comfy, chosen)
+        assert cond[0][0].shape == default[0][0].shape and not torch.allclose(cond[0][0], default[0][0])
+        assert_all_ones_masks(cond)
         rec = Recorder()
         z = sample(comfy, model, cond, recorder=rec)
         assert torch.isfinite(z).all() and all(c["mask"] is None for c in rec.calls)
