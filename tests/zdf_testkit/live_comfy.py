@@ -28,17 +28,22 @@ def pack_nodes_registered(nodes, node_list) -> Iterator[None]:
     """Register the pack's V3 node classes in ``nodes.NODE_CLASS_MAPPINGS`` as ``load_custom_node`` does
     (id → class, ``RELATIVE_PYTHON_MODULE``), and remove them again afterwards."""
     added = []
+    missing = object()
     for cls in node_list:
         schema = cls.GET_SCHEMA()
         if schema.node_id not in nodes.NODE_CLASS_MAPPINGS:
+            added.append((schema.node_id, cls, cls.__dict__.get("RELATIVE_PYTHON_MODULE", missing)))
             nodes.NODE_CLASS_MAPPINGS[schema.node_id] = cls
             cls.RELATIVE_PYTHON_MODULE = "custom_nodes.zimage-dimfix"
-            added.append(schema.node_id)
     try:
         yield
     finally:
-        for node_id in added:
+        for node_id, cls, previous in added:
             nodes.NODE_CLASS_MAPPINGS.pop(node_id, None)
+            if previous is missing:
+                del cls.RELATIVE_PYTHON_MODULE
+            else:
+                cls.RELATIVE_PYTHON_MODULE = previous
 
 
 def import_comfy_standalone():
