@@ -285,7 +285,7 @@ def install_tiny_detection_patch(comfy_modules: Any = None, text_encoders: bool 
 
     orig_detect = md.detect_unet_config
 
-    def detect_unet_config(state_dict, key_prefix, metadata=None):
+    def tiny_aware_detect(state_dict, key_prefix, metadata=None):
         cfg = orig_detect(state_dict, key_prefix, metadata=metadata)
         if (cfg is not None and cfg.get("image_model") == "lumina2" and cfg.get("dim") not in (2304, 3840)
                 and f"{key_prefix}x_pad_token" in state_dict and cfg.get("dim", 0) % HEAD_DIM == 0):
@@ -294,7 +294,7 @@ def install_tiny_detection_patch(comfy_modules: Any = None, text_encoders: bool 
         return cfg
 
     patch.restore.append((md, "detect_unet_config", orig_detect))
-    md.detect_unet_config = detect_unet_config
+    md.detect_unet_config = tiny_aware_detect
     patch.restore.append((sm.ZImage, "unet_config", sm.ZImage.unet_config))
     sm.ZImage.unet_config = {"image_model": "lumina2", "z_image_modulation": True}
 
@@ -302,13 +302,12 @@ def install_tiny_detection_patch(comfy_modules: Any = None, text_encoders: bool 
         orig_te = sd_mod.detect_te_model
         orig_load = sd_mod.load_text_encoder_state_dicts
 
-        def detect_te_model(sd):
+        def tiny_aware_detect_te(sd):
             if tiny_qwen3_config_from_state_dict(sd) is not None:
                 return sd_mod.TEModel.QWEN3_4B
             return orig_te(sd)
 
-        def load_text_encoder_state_dicts(state_dicts=(), embedding_directory=None, clip_type=None,
-                                          model_options=None):
+        def tiny_aware_load_te(state_dicts=(), embedding_directory=None, clip_type=None, model_options=None):
             model_options = dict(model_options or {})
             if len(state_dicts) == 1:
                 cfg = tiny_qwen3_config_from_state_dict(state_dicts[0])
@@ -322,8 +321,8 @@ def install_tiny_detection_patch(comfy_modules: Any = None, text_encoders: bool 
 
         patch.restore.append((sd_mod, "detect_te_model", orig_te))
         patch.restore.append((sd_mod, "load_text_encoder_state_dicts", orig_load))
-        sd_mod.detect_te_model = detect_te_model
-        sd_mod.load_text_encoder_state_dicts = load_text_encoder_state_dicts
+        sd_mod.detect_te_model = tiny_aware_detect_te
+        sd_mod.load_text_encoder_state_dicts = tiny_aware_load_te
 
     _ACTIVE.append(patch)
     return patch
