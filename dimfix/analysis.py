@@ -349,7 +349,8 @@ class AnalysisResult:
                 out.append(f"| {k} | {len(lr_.comparison.outliers)} | {_fmt(lr_.comparison.std_pearson)} | "
                            f"{len(lr_.consistent)} | {row['outliers']} | {_fmt(row['std_pearson'])} |")
             out += ["", f"**Recommended target layer: {rec}** — fewest outlier dims against the reference at layer "
-                        f"{L}, ties broken by the highest std correlation.", ""]
+                        f"{L}, ties broken by the highest std correlation. The fix table of this run pairs the "
+                        f"same layer ({L}) of both encoders.", ""]
 
         out += ["## How to use this table", "",
                 "- Connect the FIX_TABLE output (or a saved table from `models/fix_tables`) to **Embedding "
