@@ -378,3 +378,27 @@ def test_plots_are_rgb_images_and_sweep_adds_heatmap():
     for img in images:
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
         assert img.std() > 0  # not blank
+
+
+def test_realistic_profile_massive_dims_and_two_sided_outliers(reference_stats_npz):
+    """Tokens drawn with the real Qwen3-4B layer -2 per-dim μ/σ (massive dims 4, 396, 0, 100): a target whose
+    dim 396 has ~600× less variance (the VL case the original one-sided test missed) and dim 7 5× more."""
+    ref_stats = np.load(reference_stats_npz)
+    mu = torch.from_numpy(ref_stats["per_dim_mean"]).double()
+    sigma = torch.from_numpy(ref_stats["per_dim_std"]).double()
+    dim = mu.numel()
+    gen = torch.Generator().manual_seed(5)
+    scale = torch.ones(dim, dtype=torch.float64)
+    scale[396], scale[7] = 1 / 600, 5.0
+    an = CorpusAnalysis(dim)
+    for p in range(6):
+        lab = classify_positions(3 + 20 + 5)
+        z = torch.randn(lab.numel(), dim, generator=gen, dtype=torch.float64)
+        ref = (mu + z * sigma).float()
+        tgt = (mu + z * sigma * scale).float()
+        an.add_prompt(ref, tgt, lab, lab)
+    lr = an.finish().result()
+    assert lr.comparison.outlier_low == [396] and lr.comparison.outlier_high == [7]
+    assert lr.consistent == [7, 396] and lr.prompt_specific == []
+    assert {4, 396}.issubset(lr.comparison.hyper_ref)
+    assert lr.verdict.rows[3].passed  # 2 outlier dims < 10
