@@ -118,6 +118,15 @@ def test_schema(node, pack):
     assert "Empty = the pack's calibration corpus" in prompts.tooltip
 
 
+def test_fix_tables_folder_registered_by_the_entrypoint(pack, comfy):
+    import os
+
+    paths, exts = comfy.folder_paths.folder_names_and_paths["fix_tables"]
+    assert exts == {".safetensors"}
+    assert os.path.join(comfy.folder_paths.models_dir, "fix_tables") in paths
+    assert any(p.endswith("fix_tables") and os.path.isfile(os.path.join(p, "calibration_prompts.txt")) for p in paths)
+
+
 def test_table_equals_core_stats_on_stock_conditioning(node, pack, clips, capture):
     ref_clip, tgt_clip = clips
     out = run(node, reference=ref_clip, target=tgt_clip)
