@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -355,4 +356,28 @@ def apply_fix(x: torch.Tensor, table: FixTable, mode: str, *, strength: float = 
     _check_width(x, table.dim, f"fix table ({table.meta.target_model or 'target'} vs "
                                f"{table.meta.reference_model or 'reference'})")
     mask = token_mask_for(x.shape[-2], scope, labels)
-    return apply_plan(x, plan_fix(table, mode, strength, thresholds), mask)
+    return apply_plan(x, cached_plan(table, mode, strength, thresholds), mask)
+
+
+_PLANS: dict[tuple, tuple] = {}
+_PLANS_MAX = 32
+
+
+def cached_plan(table: FixTable, mode: str, strength: float = 1.0, thresholds: Thresholds | None = None) -> FixPlan:
+    """:func:`plan_fix` memoised per table object.
+
+    Fix tables are treated as values: to change one, build a new table (or assign new tensors to its
+    fields); modifying its tensors in place is not detected. An entry keeps the tensors it was keyed on
+    alive, so their ids cannot be reused while it exists.
+    """
+    named = (table.reference_mean, table.reference_std, table.target_mean, table.target_std,
+             *(t for _, t in sorted(table.extras.items())))
+    key = (id(table), mode, float(strength), thresholds or table.meta.thresholds, tuple(map(id, named)))
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0]() is table:
+        return hit[2]
+    plan = plan_fix(table, mode, strength, thresholds)
+    while len(_PLANS) >= _PLANS_MAX:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = (weakref.ref(table), named, plan)
+    return plan

@@ -2,7 +2,7 @@
 
 Run: ``python tests/bench/bench_fix.py``. Prints ``fix_vs_copy_ratio=...`` per mode for a
 (1, 512, 2560) float32 tensor with a realistic table (Qwen3-like σ profile, a few outlier dims).
-``apply_fix`` includes the (cached) plan lookup; ``apply_plan`` reuses a precomputed plan. Each ratio
+``apply_fix`` includes the plan lookup (memoised per table); ``apply_plan`` reuses a precomputed plan. Each ratio
 is measured interleaved with the copy it is compared to.
 """
 

@@ -271,7 +271,11 @@ def test_fix_follows_table_changes_and_works_on_inference_tensors():
     t = hand_table()
     x = x_hand()
     first = fixes.apply_fix(x, t, "full")
-    t.target_std = t.target_std * 2
+    assert fixes.cached_plan(t, "full") is fixes.cached_plan(t, "full")
+    assert fixes.cached_plan(t, "full") is not fixes.cached_plan(t, "full", strength=0.5)
+    assert fixes.cached_plan(hand_table(), "full") is not fixes.cached_plan(t, "full")
+    t.target_std = t.target_std * 2  # a replaced tensor is a new table value
+    torch.testing.assert_close(fixes.apply_fix(x, t, "full"), fixes.apply_plan(x, fixes.plan_fix(t, "full")))
     assert not torch.equal(fixes.apply_fix(x, t, "full"), first)
     with torch.inference_mode():  # ComfyUI executes nodes under inference mode
         t2 = hand_table()
