@@ -1,4 +1,4 @@
-"""The fix-table format: one safetensors file per (reference model, target model, layer) table.
+"""The fix-table format: one safetensors file per (reference model, target model, layers) table.
 
 A fix table holds per-dimension statistics of a *reference* encoder (what the DiT was trained on,
 e.g. Qwen3-4B at HF ``hidden_states[-2]``) and of a *target* encoder (the substitute), plus
@@ -36,7 +36,8 @@ from .config import Thresholds
 
 FORMAT = "zimage-dimfix.fix-table"
 #: Version written by this module. Readers accept any version with the same major number.
-VERSION = "1"
+#: 1.1 added the optional ``reference_layer`` metadata key.
+VERSION = "1.1"
 SUPPORTED_MAJOR = 1
 
 REQUIRED_TENSORS = ("reference_mean", "reference_std", "target_mean", "target_std")
@@ -47,8 +48,8 @@ ADAPTER_TENSORS = ("adapter_weight", "adapter_bias")
 KNOWN_EXTRAS = tuple(f"{s}_{p}" for s in SIDES for p in PERCENTILES.values()) + ADAPTER_TENSORS
 
 #: Metadata keys stored besides ``format`` and ``version``.
-META_KEYS = ("reference_model", "target_model", "layer", "template", "token_scope", "prompt_count",
-             "token_count", "created", "thresholds")
+META_KEYS = ("reference_model", "target_model", "layer", "reference_layer", "template", "token_scope",
+             "prompt_count", "token_count", "created", "thresholds")
 
 _MAX_HEADER = 100 * 1024 * 1024
 _CHUNK = 1 << 20
@@ -97,14 +98,17 @@ def model_fingerprint(path: str | os.PathLike, name: str | None = None, length: 
 class FixTableMeta:
     """Provenance of a fix table. All fields are stored as strings in the safetensors metadata.
 
-    ``layer`` is the HF ``hidden_states`` index (int, e.g. -2) or ``"sweep"``; ``token_scope`` names
-    the token classes the statistics cover (e.g. ``"content"``); ``thresholds`` are the
-    classification thresholds the table was analysed with (fixes use them unless overridden).
+    ``layer`` is the target's HF ``hidden_states`` index (int, e.g. -6) or ``"sweep"``;
+    ``reference_layer`` the reference's (int, e.g. -2; ``None`` when constructing = the same as
+    ``layer``, which is also what tables without the key are read as); ``token_scope`` names the
+    token classes the statistics cover (e.g. ``"content"``); ``thresholds`` are the classification
+    thresholds the table was analysed with (fixes use them unless overridden).
     """
 
     reference_model: str = ""
     target_model: str = ""
     layer: int | str = -2
+    reference_layer: int | str | None = None
     template: str = ""
     token_scope: str = "content"
     prompt_count: int = 0
@@ -113,11 +117,16 @@ class FixTableMeta:
     thresholds: Thresholds = field(default_factory=Thresholds)
     version: str = VERSION
 
+    def __post_init__(self) -> None:
+        if self.reference_layer is None:
+            self.reference_layer = self.layer
+
     def to_strings(self) -> dict[str, str]:
         return {
             "reference_model": str(self.reference_model),
             "target_model": str(self.target_model),
             "layer": str(self.layer),
+            "reference_layer": str(self.layer if self.reference_layer is None else self.reference_layer),
             "template": str(self.template),
             "token_scope": str(self.token_scope),
             "prompt_count": str(int(self.prompt_count)),
@@ -140,12 +149,20 @@ class FixTableMeta:
             layer: int | str = int(layer_text)
         except ValueError:
             layer = layer_text
+        ref_text = meta.get("reference_layer")
+        reference_layer: int | str | None = None  # absent (tables before 1.1): the same as 'layer'
+        if ref_text is not None:
+            try:
+                reference_layer = int(ref_text)
+            except ValueError:
+                reference_layer = ref_text
         try:
             thresholds = Thresholds.from_json(meta["thresholds"]) if meta.get("thresholds") else Thresholds()
         except (ValueError, TypeError) as exc:
             raise FixTableError(f"{where}: metadata 'thresholds' is not valid thresholds JSON ({exc})") from None
         return cls(reference_model=meta.get("reference_model", ""), target_model=meta.get("target_model", ""),
-                   layer=layer, template=meta.get("template", ""), token_scope=meta.get("token_scope", ""),
+                   layer=layer, reference_layer=reference_layer, template=meta.get("template", ""),
+                   token_scope=meta.get("token_scope", ""),
                    prompt_count=as_int("prompt_count"), token_count=as_int("token_count"),
                    created=meta.get("created", ""), thresholds=thresholds, version=meta.get("version", VERSION))
 
@@ -206,6 +223,10 @@ class FixTable:
         layer = self.meta.layer
         if isinstance(layer, bool) or not (isinstance(layer, int) or layer == "sweep"):
             raise FixTableError(f"{where}: metadata 'layer' must be an int HF index or 'sweep', got {layer!r}")
+        ref_layer = layer if self.meta.reference_layer is None else self.meta.reference_layer
+        if isinstance(ref_layer, bool) or not (isinstance(ref_layer, int) or ref_layer == layer == "sweep"):
+            raise FixTableError(f"{where}: metadata 'reference_layer' must be an int HF index (e.g. -2), got "
+                                f"{ref_layer!r}")
         if not isinstance(self.meta.thresholds, Thresholds):
             raise FixTableError(f"{where}: metadata 'thresholds' must be a dimfix.config.Thresholds")
         return self

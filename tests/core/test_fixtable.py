@@ -59,7 +59,8 @@ def test_metadata_strings_on_disk(tmp_path):
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata()
     assert meta["format"] == "zimage-dimfix.fix-table"
-    assert meta["version"] == "1"
+    assert meta["version"] == "1.1" == fixtable.VERSION
+    assert meta["reference_layer"] == "-6"  # not given: the same as 'layer'
     assert meta["layer"] == "-6" and meta["prompt_count"] == "86" and meta["token_count"] == "1234"
     assert json.loads(meta["thresholds"])["outlier_ratio"] == 10.0
 
@@ -196,6 +197,50 @@ def test_model_fingerprint(tmp_path):
     (tmp_path / "shards" / "model.safetensors.index.json").write_text("{}")
     assert fixtable.model_fingerprint(tmp_path / "shards").startswith(
         "shards@sha256:" + hashlib.sha256(b"{}").hexdigest()[:12])
+
+
+def test_reference_layer_round_trip_and_default():
+    assert FixTableMeta().reference_layer == -2
+    assert FixTableMeta(layer=-6).reference_layer == -6
+    assert FixTableMeta(layer=-6, reference_layer=-2).reference_layer == -2
+    assert "reference_layer" in fixtable.META_KEYS
+
+
+def test_reference_layer_differs_from_target_layer_on_disk(tmp_path):
+    from safetensors import safe_open
+
+    t = make_table()
+    t.meta.reference_layer = -2  # a VL target at -6 paired with the reference at -2
+    path = save_fix_table(t, tmp_path / "vl.safetensors")
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    assert (meta["layer"], meta["reference_layer"]) == ("-6", "-2")
+    u = load_fix_table(path)
+    assert (u.meta.layer, u.meta.reference_layer) == (-6, -2)
+    assert u.meta == t.meta
+
+
+def test_older_table_without_reference_layer_reads_it_as_layer(tmp_path):
+    base = {n: torch.ones(D) for n in fixtable.REQUIRED_TENSORS}
+    write_raw(tmp_path / "old.safetensors", base, {"format": fixtable.FORMAT, "version": "1", "layer": "-6"})
+    old = load_fix_table(tmp_path / "old.safetensors")
+    assert (old.meta.layer, old.meta.reference_layer) == (-6, -6)
+    write_raw(tmp_path / "sweep.safetensors", base, {"format": fixtable.FORMAT, "version": "1", "layer": "sweep"})
+    assert load_fix_table(tmp_path / "sweep.safetensors").meta.reference_layer == "sweep"
+
+
+@pytest.mark.parametrize("bad", ["last", True, 2.5, "sweep"])
+def test_invalid_reference_layer_metadata(tmp_path, bad):
+    t = make_table()  # layer -6: 'sweep' is only accepted for a sweep table
+    t.meta.reference_layer = bad
+    with pytest.raises(FixTableError, match=r"'reference_layer' must be an int HF index \(e.g. -2\), got "):
+        save_fix_table(t, tmp_path / "t.safetensors")
+    assert not (tmp_path / "t.safetensors").exists()
+    base = {n: torch.ones(D) for n in fixtable.REQUIRED_TENSORS}
+    write_raw(tmp_path / "r.safetensors", base, {"format": fixtable.FORMAT, "version": "1.1", "layer": "-6",
+                                                 "reference_layer": "last"})
+    with pytest.raises(FixTableError, match=r"r.safetensors.*'reference_layer' must be an int HF index"):
+        load_fix_table(tmp_path / "r.safetensors")
 
 
 def test_invalid_layer_metadata(tmp_path):
