@@ -209,8 +209,10 @@ def top_outlier_bars(ratio: Any, n: int = 10, tau: float = 3.0,
 
 
 def class_counts(counts: Mapping[str, Sequence[int]], labels: Sequence[str] = ("reference", "target"),
-                 title: str = "Dimension classes", size: tuple[int, int] = DEFAULT_SIZE) -> np.ndarray:
-    """Grouped bars: one group per class name (outlier high, outlier low, dead, hyperactive, ...)."""
+                 title: str = "Dimension classes", size: tuple[int, int] = DEFAULT_SIZE,
+                 ylabel: str = "dims") -> np.ndarray:
+    """Grouped bars: one group per class name (outlier high, outlier low, dead, hyperactive, ...);
+    ``ylabel`` names what is counted (``"dims"``, or ``"tokens"`` for token classes)."""
     names = list(counts)
     labels = list(labels)
     rows = []
@@ -238,7 +240,7 @@ def class_counts(counts: Mapping[str, Sequence[int]], labels: Sequence[str] = ("
             ax.text(b.get_x() + b.get_width() / 2, v, f"{int(v)}", ha="center", va="bottom", fontsize=9)
     ax.set_xticks(x)
     ax.set_xticklabels(names)
-    ax.set_ylabel("dims")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, max(1.0, float(data.max())) * 1.15)
     ax.legend()
     ax.grid(alpha=0.3, axis="y")

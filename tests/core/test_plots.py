@@ -101,6 +101,24 @@ def test_class_counts():
         plots.class_counts({"a": (1, 2, 3)})
 
 
+def test_class_counts_ylabel_names_what_is_counted(monkeypatch):
+    import matplotlib.axes
+
+    seen = []
+    original = matplotlib.axes.Axes.set_ylabel
+
+    def spy(self, label, *args, **kwargs):
+        seen.append(label)
+        return original(self, label, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", spy)
+    counts = {"sink": (4, 4), "template": (20, 20), "content": (51, 51)}
+    dims = plots.class_counts(counts)
+    tokens = plots.class_counts(counts, ylabel="tokens")
+    assert seen == ["dims", "tokens"]
+    assert not np.array_equal(dims, tokens)
+
+
 def test_layer_heatmap_wide_and_narrow():
     rng = np.random.default_rng(1)
     std = np.abs(rng.normal(1.0, 0.5, (37, 2560)))
