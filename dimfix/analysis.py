@@ -22,11 +22,15 @@ Per prompt
     - optional cosine in the DiT's caption-embedder space (:meth:`CorpusAnalysis.set_dit`).
 
 Layers
-    ``layers`` names the HF ``hidden_states`` indices stacked on axis 0 of each hidden tensor
-    (``[L, T, D]``, all layers from one forward). The *primary* layers (default: all) keep percentile
-    samples and get the caption-space cosine; the other layers keep moments only, accumulated for
-    all of them at once (fast sweeps, bounded memory). Moments are identical either way up to float64
-    rounding.
+    ``layers`` names the HF ``hidden_states`` indices stacked on axis 0 of the target's hidden tensor
+    (``[L, T, D]``, all layers from one forward). By default the reference is stacked the same way and
+    target layer ``k`` is paired with reference layer ``k``. With ``reference_layer`` the reference is
+    measured at that one layer only (``[T, D]``) and *every* target layer is paired with it — e.g. a
+    VL target at -6 against Qwen3-4B at -2. Every statistic of a pair equals the one of a
+    single-layer analysis of that pair. The *primary* layers (default: all) keep percentile samples
+    and get the caption-space cosine (the fixed reference layer always keeps samples); the other
+    layers keep moments only, accumulated for all of them at once (fast sweeps, bounded memory).
+    Moments are identical either way up to float64 rounding.
 
 Verdict numbers (per layer, on the chosen scope)
     cosine = mean per-token cosine of the aligned scope tokens over all prompts; std correlation =
@@ -34,10 +38,10 @@ Verdict numbers (per layer, on the chosen scope)
     ``σ_tgt/σ_ref > τ or < 1/τ`` count (``dimfix.compare``).
 
 Recommended layer (sweeps)
-    The DiT only ever saw the reference at one layer (the *report layer*, e.g. HF -2). Every target
-    layer is compared with the reference at the report layer; the recommendation is the target layer
-    with the fewest outlier dims, ties broken by the highest Pearson correlation of per-dim σ, then
-    by the order of ``layers``.
+    The DiT only ever saw the reference at one layer (e.g. HF -2): the reference layer paired with the
+    *report layer* (the first primary target layer). Every target layer is compared with the
+    reference at that layer; the recommendation is the target layer with the fewest outlier dims,
+    ties broken by the highest Pearson correlation of per-dim σ, then by the order of ``layers``.
 """
 
 from __future__ import annotations
@@ -88,6 +92,13 @@ def _listing(dims: Sequence[int]) -> str:
     return shown + (f", … ({len(dims) - _MAX_LISTED} more)" if len(dims) > _MAX_LISTED else "")
 
 
+def _pair_label(layer: int, reference_layer: int) -> str:
+    """``layer k`` for a same-layer pair, else ``target layer k vs reference layer r``."""
+    if layer == reference_layer:
+        return f"layer {layer}"
+    return f"target layer {layer} vs reference layer {reference_layer}"
+
+
 def _slice_stats(big: DimStats, j: int, dim: int) -> DimStats:
     """Layer ``j`` of moments-only stats over ``L × dim`` columns, as a ``dim``-wide :class:`DimStats`."""
     out = DimStats(dim, sample_rows=0, seed=big.seed)
@@ -127,13 +138,15 @@ def _ratio_flags(s_ref: torch.Tensor, s_tgt: torch.Tensor, th: Thresholds) -> to
 
 @dataclass
 class LayerResult:
-    """Everything measured at one layer (comparison on the analysis scope).
+    """Everything measured at one target layer (comparison on the analysis scope).
 
+    ``layer``: the target's HF index; ``reference_layer``: the reference's HF index it is paired with.
     ``reference_classes`` / ``target_classes``: per token class name (``sink``, ``template``,
     ``content``, ``appended_eos``) the token count and the float64 per-dim mean (NaN when empty).
     """
 
     layer: int
+    reference_layer: int
     comparison: Comparison
     reference: DimStats
     target: DimStats
@@ -159,8 +172,10 @@ class LayerResult:
 class AnalysisResult:
     """Output of :meth:`CorpusAnalysis.finish`; see the module docs for the definitions.
 
-    - ``layers``: analysed HF indices; ``results``: a :class:`LayerResult` per layer; ``report_layer``:
-      the first primary layer (default for :meth:`result`, :meth:`fix_table`, the report and plots).
+    - ``layers``: analysed target HF indices; ``results``: a :class:`LayerResult` per target layer;
+      ``report_layer``: the first primary layer (default for :meth:`result`, :meth:`fix_table`, the
+      report and plots); ``reference_layer``: the one reference layer every target layer is paired
+      with, or None when layer ``k`` is paired with layer ``k``.
     - ``class_counts``: ``{"reference"|"target": {class name: token count}}`` over all prompts.
     - ``warnings``: too few tokens, prompts left out of the consistency split or the cosine, ...
     - ``prompt_cosines``: ``(index, prompt, mean aligned cosine at the report layer)`` per prompt.
@@ -178,6 +193,7 @@ class AnalysisResult:
     reference_model: str = "reference"
     target_model: str = "target"
     dit_eps: float | None = None
+    reference_layer: int | None = None
     created: str = field(default_factory=utc_now_iso)
 
     # ------------------------------------------------------------------ access
@@ -193,11 +209,20 @@ class AnalysisResult:
         return self.results[key]
 
     def cross_layer(self, reference_layer: int | None = None) -> list[dict[str, Any]]:
-        """Every target layer compared with the reference at ``reference_layer`` (default: report layer).
+        """Every target layer compared with the reference at ``reference_layer`` (an HF index the
+        reference was measured at; default: the one paired with the report layer).
 
-        Rows ``{layer, outliers, std_pearson, mean_pearson}`` in the order of :attr:`layers`.
+        Rows ``{layer, outliers, std_pearson, mean_pearson}`` in the order of :attr:`layers`. With a
+        fixed reference layer these are the per-layer comparisons themselves.
         """
-        ref = self.result(reference_layer).reference
+        if reference_layer is None:
+            ref = self.result().reference
+        else:
+            found = [r.reference for r in self.results.values() if r.reference_layer == int(reference_layer)]
+            if not found:
+                measured = sorted({r.reference_layer for r in self.results.values()})
+                raise KeyError(f"the reference was not measured at layer {reference_layer} (measured: {measured})")
+            ref = found[0]
         rows = []
         for k in self.layers:
             c = compare(ref, self.results[k].target, self.thresholds)
@@ -219,26 +244,29 @@ class AnalysisResult:
     # ------------------------------------------------------------------ fix table
     def fix_table(self, layer: int | None = None, reference_model: str | None = None,
                   target_model: str | None = None, template: str = ZIMAGE_TEMPLATE) -> FixTable:
-        """A :class:`~dimfix.fixtable.FixTable` of ``layer`` (default: the report layer).
+        """A :class:`~dimfix.fixtable.FixTable` of target ``layer`` (default: the report layer) and the
+        reference layer paired with it.
 
         float32 means and σ (ddof=1) of the analysis scope for both models, the percentiles
         p0.1/p1/p50/p99/p99.9 when the layer kept samples (primary layers), and metadata (models,
-        layer, template, scope, prompt count, reference-side token count, thresholds, creation time).
+        target and reference layers, template, scope, prompt count, reference-side token count,
+        thresholds, creation time).
         """
         res = self.result(layer)
         ref_mean, ref_std = res.reference.float32()
         tgt_mean, tgt_std = res.target.float32()
         extras: dict[str, torch.Tensor] = {}
-        if res.has_percentiles:
-            qs = list(PERCENTILES)
-            for side, stats in (("reference", res.reference), ("target", res.target)):
+        qs = list(PERCENTILES)
+        for side, stats in (("reference", res.reference), ("target", res.target)):
+            if stats.sample_rows > 0:  # each side that kept samples (a fixed reference layer always does)
                 for q, v in stats.percentiles(qs).items():
                     extras[percentile_name(side, q)] = v.float()
         meta = FixTableMeta(
             reference_model=self.reference_model if reference_model is None else str(reference_model),
             target_model=self.target_model if target_model is None else str(target_model),
-            layer=int(res.layer), template=template, token_scope=self.scope, prompt_count=self.prompt_count,
-            token_count=int(res.reference.count), created=self.created, thresholds=self.thresholds)
+            layer=int(res.layer), reference_layer=int(res.reference_layer), template=template,
+            token_scope=self.scope, prompt_count=self.prompt_count, token_count=int(res.reference.count),
+            created=self.created, thresholds=self.thresholds)
         return FixTable(ref_mean, ref_std, tgt_mean, tgt_std, extras=extras, meta=meta).validate()
 
     # ------------------------------------------------------------------ report
@@ -268,11 +296,12 @@ class AnalysisResult:
         """A markdown report: summary, verdict, top dims, consistency, classes, DiT view, sweep, usage."""
         res = self.result()
         c = res.comparison
-        L = res.layer
+        L, R = res.layer, res.reference_layer
+        layers = (f"- Layer: HF `hidden_states[{L}]`" if R == L else
+                  f"- Layers: reference HF `hidden_states[{R}]`, target HF `hidden_states[{L}]`")
         out: list[str] = [f"# Dimension analysis: {self.target_model} vs {self.reference_model}", ""]
         out += [f"- Reference: **{self.reference_model}**; target: **{self.target_model}**",
-                f"- Layer: HF `hidden_states[{L}]`" + (f" (layer sweep over {len(self.layers)} layers)"
-                                                       if self.is_sweep else ""),
+                layers + (f" (layer sweep over {len(self.layers)} target layers)" if self.is_sweep else ""),
                 f"- Token scope: `{self.scope}`; prompts: {self.prompt_count}; tokens in scope: "
                 f"{c.count_ref} (reference), {c.count_tgt} (target)",
                 f"- Thresholds: τ = {self.thresholds.outlier_ratio:g}, dead σ < {self.thresholds.dead_abs:g}, "
@@ -284,7 +313,7 @@ class AnalysisResult:
         if self.warnings:
             out += ["## Warnings", ""] + [f"- {w}" for w in self.warnings] + [""]
 
-        out += [f"## Verdict (layer {L})", "", res.verdict.to_markdown(), "",
+        out += [f"## Verdict ({_pair_label(L, R)})", "", res.verdict.to_markdown(), "",
                 f"Cosine = mean per-token cosine of {res.cosine_tokens} aligned tokens in scope; std / mean "
                 "correlation = Pearson correlation of the per-dim σ / means; outlier dims = dims with "
                 f"σ_tgt/σ_ref > {self.thresholds.outlier_ratio:g} or < 1/{self.thresholds.outlier_ratio:g}.", ""]
@@ -337,24 +366,39 @@ class AnalysisResult:
 
         if self.is_sweep:
             rec = self.recommended_layer()
-            cross = {row["layer"]: row for row in self.cross_layer()}
-            out += ["## Layer sweep", "",
-                    f"Same layer = reference layer k vs target layer k. vs ref {L} = target layer k vs the reference "
-                    f"at layer {L} (what the DiT was trained on).", "",
-                    "| Layer | Outliers (same layer) | Std corr (same layer) | Consistent | "
-                    f"Outliers (vs ref {L}) | Std corr (vs ref {L}) |", "|---|---|---|---|---|---|"]
-            for k in self.layers:
-                lr_ = self.results[k]
-                row = cross[k]
-                out.append(f"| {k} | {len(lr_.comparison.outliers)} | {_fmt(lr_.comparison.std_pearson)} | "
-                           f"{len(lr_.consistent)} | {row['outliers']} | {_fmt(row['std_pearson'])} |")
+            cross = self.cross_layer()
+            if self.reference_layer is None:
+                out += ["## Layer sweep", "",
+                        f"Same layer = reference layer k vs target layer k. vs ref {R} = target layer k vs the "
+                        f"reference at layer {R} (what the DiT was trained on).", "",
+                        "| Layer | Outliers (same layer) | Std corr (same layer) | Consistent | "
+                        f"Outliers (vs ref {R}) | Std corr (vs ref {R}) |", "|---|---|---|---|---|---|"]
+                for row in cross:
+                    lr_ = self.results[row["layer"]]
+                    out.append(f"| {row['layer']} | {len(lr_.comparison.outliers)} | "
+                               f"{_fmt(lr_.comparison.std_pearson)} | {len(lr_.consistent)} | {row['outliers']} | "
+                               f"{_fmt(row['std_pearson'])} |")
+            else:
+                out += ["## Layer sweep", "",
+                        f"Every target layer k vs the reference at layer {R} (what the DiT was trained on).", "",
+                        "| Target layer | Outlier dims | Std corr | Mean corr | Consistent | Cosine |",
+                        "|---|---|---|---|---|---|"]
+                for row in cross:
+                    lr_ = self.results[row["layer"]]
+                    out.append(f"| {row['layer']} | {row['outliers']} | {_fmt(row['std_pearson'])} | "
+                               f"{_fmt(row['mean_pearson'])} | {len(lr_.consistent)} | {_fmt(lr_.cosine)} |")
+            pairs = (f"the same layer ({L}) of both encoders" if R == L else
+                     f"reference layer {R} with target layer {L}")
             out += ["", f"**Recommended target layer: {rec}** — fewest outlier dims against the reference at layer "
-                        f"{L}, ties broken by the highest std correlation. The fix table of this run pairs the "
-                        f"same layer ({L}) of both encoders.", ""]
+                        f"{R}, ties broken by the highest std correlation. The fix table of this run pairs {pairs}."
+                    + ("" if rec == L else
+                       f" For a table of layer {rec}, re-run with target layer {rec} (reference layer {R}) and "
+                       f"select layer {rec} on the target's conditioning (Hidden Layer Select)."), ""]
 
         out += ["## How to use this table", "",
                 "- Connect the FIX_TABLE output (or a saved table from `models/fix_tables`) to **Embedding "
-                "Dimension Fix** on the target encoder's conditioning, with the same layer and token scope.",
+                f"Dimension Fix** on the target encoder's conditioning taken at layer {L}, with the same token "
+                "scope.",
                 "- Few consistent outliers and a passing verdict: the target is usable as is or with the "
                 "default affine fix. Many prompt-specific outliers: prefer a lower fix strength.",
                 "- Re-run with more prompts when a warning says there are too few tokens.", ""]
@@ -369,13 +413,13 @@ class AnalysisResult:
         res = self.result()
         c = res.comparison
         tau = self.thresholds.outlier_ratio
-        L = res.layer
+        where = _pair_label(res.layer, res.reference_layer)
         images = [
             plots.ratio_histogram(torch.log10(c.ratio.double()), tau=tau,
-                                  title=f"log10(σ_target / σ_reference), layer {L}, {self.scope} tokens"),
+                                  title=f"log10(σ_target / σ_reference), {where}, {self.scope} tokens"),
             plots.sigma_scatter(c.sigma_ref, c.sigma_tgt, tau=tau,
                                 title=f"Per-dimension σ: {_short(self.target_model, 30)} vs "
-                                      f"{_short(self.reference_model, 30)} (layer {L})"),
+                                      f"{_short(self.reference_model, 30)} ({where})"),
             plots.top_outlier_bars(c.ratio, n=10, tau=tau),
             plots.class_counts({"dead": [len(c.dead_ref), len(c.dead_tgt)],
                                 "hyperactive": [len(c.hyper_ref), len(c.hyper_tgt)]},
@@ -384,7 +428,7 @@ class AnalysisResult:
             plots.class_counts({k: [self.class_counts["reference"][k], self.class_counts["target"][k]]
                                 for k in self.class_counts["reference"]},
                                labels=(_short(self.reference_model, 30), _short(self.target_model, 30)),
-                               title="Tokens per class"),
+                               title="Tokens per class", ylabel="tokens"),
         ]
         if self.is_sweep:
             std = torch.stack([self.results[k].comparison.sigma_tgt for k in self.layers])
@@ -399,18 +443,24 @@ class CorpusAnalysis:
 
     Args:
         dim: hidden size ``D`` (both encoders).
-        layers: HF ``hidden_states`` indices stacked on axis 0 of each hidden tensor (``[L, T, D]``);
-            ``None`` = one layer, HF -2, given as ``[T, D]``.
+        layers: HF ``hidden_states`` indices stacked on axis 0 of the target's hidden tensor
+            (``[L, T, D]``) — and of the reference's unless ``reference_layer`` is given; ``None`` = one
+            layer, HF -2, given as ``[T, D]``.
         thresholds: classification thresholds (τ etc.).
         scope: token scope of the comparison: ``"content"`` (default), ``"no_sink"`` or ``"all"``.
-        primary_layers: layers that keep percentile samples and get the caption-space cosine
+        primary_layers: target layers that keep percentile samples and get the caption-space cosine
             (default: all). The first one is the report layer.
         sample_rows, seed: passed to the statistics (percentile sample size, sampling seed).
+        reference_layer: HF index of the reference's hidden states when the reference is measured at
+            this one layer (``ref_hidden`` ``[T, D]`` or ``[1, T, D]``) and every target layer is paired
+            with it; ``None`` (default) = the reference is stacked like the target and layer ``k`` is
+            paired with layer ``k``.
     """
 
     def __init__(self, dim: int, layers: Sequence[int] | None = None, thresholds: Thresholds = Thresholds(),
                  scope: str = "content", primary_layers: Sequence[int] | None = None,
-                 sample_rows: int = DEFAULT_SAMPLE_ROWS, seed: int = 0) -> None:
+                 sample_rows: int = DEFAULT_SAMPLE_ROWS, seed: int = 0,
+                 reference_layer: int | None = None) -> None:
         if int(dim) < 1:
             raise ValueError(f"CorpusAnalysis: dim must be >= 1, got {dim}")
         if scope not in _SCOPES:
@@ -428,20 +478,30 @@ class CorpusAnalysis:
             raise ValueError(f"CorpusAnalysis: primary_layers must be a non-empty subset of layers {self.layers}, "
                              f"got {primary_layers}")
         self.primary = list(dict.fromkeys(primary))
+        if reference_layer is not None and (isinstance(reference_layer, bool)
+                                            or not isinstance(reference_layer, (int, np.integer))):
+            raise TypeError(f"CorpusAnalysis: reference_layer must be an int HF index or None, got {reference_layer!r}")
+        self.reference_layer = None if reference_layer is None else int(reference_layer)
         self.thresholds = thresholds
         self.scope = scope
         self.sample_rows = int(sample_rows)
         self.seed = int(seed)
-        self._pidx = [self.layers.index(k) for k in self.primary]
-        self._sidx = [j for j, k in enumerate(self.layers) if k not in self.primary]
+        # per side: stacked layers, primary layers, their positions and the secondary layers' positions
+        fixed = self.reference_layer is not None
+        self._layers = {"ref": [self.reference_layer] if fixed else list(self.layers), "tgt": list(self.layers)}
+        self._primary = {"ref": [self.reference_layer] if fixed else list(self.primary), "tgt": list(self.primary)}
+        self._pidx = {side: [self._layers[side].index(k) for k in self._primary[side]] for side in ("ref", "tgt")}
+        self._sidx = {side: [j for j, k in enumerate(self._layers[side]) if k not in self._primary[side]]
+                      for side in ("ref", "tgt")}
         # scope stats: full (with percentile sample) per primary layer; moments only, all secondary
         # layers at once as one [L' x D]-wide DimStats
-        self._full = {side: [DimStats(self.dim, self.sample_rows, self.seed) for _ in self._pidx]
+        self._full = {side: [DimStats(self.dim, self.sample_rows, self.seed) for _ in self._pidx[side]]
                       for side in ("ref", "tgt")}
-        self._bulk = {side: DimStats(self.dim * len(self._sidx), 0, self.seed) if self._sidx else None
+        self._bulk = {side: DimStats(self.dim * len(self._sidx[side]), 0, self.seed) if self._sidx[side] else None
                       for side in ("ref", "tgt")}
         n_cls = len(TokenClass)
-        self._csum = {side: torch.zeros(n_cls, len(self.layers), self.dim, dtype=_F64) for side in ("ref", "tgt")}
+        self._csum = {side: torch.zeros(n_cls, len(self._layers[side]), self.dim, dtype=_F64)
+                      for side in ("ref", "tgt")}
         self._ccount = {side: torch.zeros(n_cls, dtype=torch.int64) for side in ("ref", "tgt")}
         self._flags: list[torch.Tensor] = []  # bool [L, D] per prompt with flags
         self._cos_sum = torch.zeros(len(self.layers), dtype=_F64)
@@ -478,11 +538,15 @@ class CorpusAnalysis:
         if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
             raise TypeError(f"add_prompt: {name}_hidden must be a floating-point tensor, got "
                             f"{type(hidden).__name__ if not isinstance(hidden, torch.Tensor) else hidden.dtype}")
-        n_layers = len(self.layers)
+        layers = self._layers[name]
+        n_layers = len(layers)
         if hidden.dim() == 2 and n_layers == 1:
             hidden = hidden.unsqueeze(0)
         if hidden.dim() != 3 or hidden.shape[0] != n_layers or hidden.shape[-1] != self.dim:
-            want = f"[T, {self.dim}]" if not self.stacked else f"[{n_layers}, T, {self.dim}] (layers {self.layers})"
+            if n_layers == 1 and (not self.stacked or name == "ref"):
+                want = f"[T, {self.dim}] (layer {layers[0]})"
+            else:
+                want = f"[{n_layers}, T, {self.dim}] (layers {layers})"
             raise ValueError(f"add_prompt: {name}_hidden must have shape {want}, got {tuple(hidden.shape)}")
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != hidden.shape[1]:
             raise ValueError(f"add_prompt: {name}_labels must be an int64 tensor [T] with T = {hidden.shape[1]} "
@@ -504,10 +568,10 @@ class CorpusAnalysis:
 
     def _update(self, side: str, hidden: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
         if bool(mask.any()):
-            for i, j in enumerate(self._pidx):
+            for i, j in enumerate(self._pidx[side]):
                 self._full[side][i].update(hidden[j], mask)
-            if self._sidx:  # all secondary layers as one [T, L'·D] matrix: one vectorised update
-                x = hidden[self._sidx].permute(1, 0, 2).reshape(hidden.shape[1], -1)
+            if self._sidx[side]:  # all secondary layers as one [T, L'·D] matrix: one vectorised update
+                x = hidden[self._sidx[side]].permute(1, 0, 2).reshape(hidden.shape[1], -1)
                 self._bulk[side].update(x, mask)
         onehot = torch.nn.functional.one_hot(labels.to(torch.int64), len(TokenClass)).to(_F64)  # [T, C]
         self._csum[side] += torch.einsum("tc,ltd->cld", onehot, hidden.to(_F64))
@@ -534,8 +598,10 @@ class CorpusAnalysis:
         ``*_labels``: int64 ``[T]`` token classes; ``*_ids``: token ids when known (for alignment).
         Inputs are validated first: on an error (shapes, labels, NaN/Inf) nothing of the prompt is recorded.
         """
-        ref = self._check(ref_hidden, ref_labels, ref_ids, "ref")
+        ref_own = self._check(ref_hidden, ref_labels, ref_ids, "ref")
         tgt = self._check(tgt_hidden, tgt_labels, tgt_ids, "tgt")
+        # the reference as paired with each target layer: [L, T, D] (a broadcast view for a fixed layer)
+        ref = ref_own.expand(len(self.layers), -1, -1) if self.reference_layer is not None else ref_own
         index = self._prompts
         where = f"prompt #{index}" + (f" {_short(prompt)!r}" if prompt else "")
         notes: list[str] = []
@@ -544,7 +610,7 @@ class CorpusAnalysis:
         m_tgt = scope_mask(tgt_labels, self.scope)
         flags = None
         if int(m_ref.sum()) >= 2 and int(m_tgt.sum()) >= 2:
-            s_ref = _std_tokens(ref[:, m_ref])
+            s_ref = _std_tokens(ref_own[:, m_ref])  # [1, D] for a fixed reference layer: broadcast
             s_tgt = _std_tokens(tgt[:, m_tgt])
             flags = _ratio_flags(s_ref, s_tgt, self.thresholds)
         else:
@@ -566,11 +632,11 @@ class CorpusAnalysis:
             ok = torch.isfinite(cos)
             cos_sum = torch.where(ok, cos, torch.zeros_like(cos)).sum(1)
             cos_n = ok.sum(1)
-            j0 = self._pidx[0]
+            j0 = self._pidx["tgt"][0]
             if int(cos_n[j0]):
                 prompt_cos = float(cos_sum[j0] / cos_n[j0])
             if self._dit is not None:
-                for i, j in enumerate(self._pidx):
+                for i, j in enumerate(self._pidx["tgt"]):
                     fa = self._dit.features(ref[j, :n][aligned])
                     fb = self._dit.features(tgt[j, :n][aligned])
                     cc = dit_mod.token_cosine64(fa, fb)
@@ -579,7 +645,7 @@ class CorpusAnalysis:
                     cap_n[i] = int(okc.sum())
 
         # record (inputs were validated above, so the statistics updates cannot fail half-way)
-        self._update("ref", ref, ref_labels, m_ref)
+        self._update("ref", ref_own, ref_labels, m_ref)
         self._update("tgt", tgt, tgt_labels, m_tgt)
         if flags is not None:
             self._flags.append(flags)
@@ -596,16 +662,18 @@ class CorpusAnalysis:
         """A new analysis equal to feeding this one's prompts, then ``other``'s (both unchanged)."""
         if not isinstance(other, CorpusAnalysis):
             raise TypeError(f"merge: expected a CorpusAnalysis, got {type(other).__name__}")
-        same = (self.dim, self.layers, self.primary, self.scope, self.thresholds, self.sample_rows)
-        theirs = (other.dim, other.layers, other.primary, other.scope, other.thresholds, other.sample_rows)
+        same = (self.dim, self.layers, self.reference_layer, self.primary, self.scope, self.thresholds,
+                self.sample_rows)
+        theirs = (other.dim, other.layers, other.reference_layer, other.primary, other.scope, other.thresholds,
+                  other.sample_rows)
         if same != theirs:
-            raise ValueError("merge: the analyses differ in dim, layers, primary layers, scope, thresholds or "
-                             "sample_rows")
+            raise ValueError("merge: the analyses differ in dim, layers, reference layer, primary layers, scope, "
+                             "thresholds or sample_rows")
         out = CorpusAnalysis(self.dim, self.layers if self.stacked else None, self.thresholds, self.scope,
-                             self.primary, self.sample_rows, self.seed)
+                             self.primary, self.sample_rows, self.seed, reference_layer=self.reference_layer)
         for side in ("ref", "tgt"):
             out._full[side] = [a.merge(b) for a, b in zip(self._full[side], other._full[side])]
-            if self._sidx:
+            if self._sidx[side]:
                 out._bulk[side] = self._bulk[side].merge(other._bulk[side])
             out._csum[side] = self._csum[side] + other._csum[side]
             out._ccount[side] = self._ccount[side] + other._ccount[side]
@@ -621,13 +689,15 @@ class CorpusAnalysis:
         return out
 
     # ------------------------------------------------------------------ finish
-    def _scope_stats(self, side: str, j: int) -> DimStats:
-        k = self.layers[j]
-        if k in self.primary:
-            return self._full[side][self.primary.index(k)]
-        return _slice_stats(self._bulk[side], self._sidx.index(j), self.dim)
+    def _scope_stats(self, side: str, k: int) -> DimStats:
+        """Scope statistics of ``side`` at HF layer ``k``."""
+        if k in self._primary[side]:
+            return self._full[side][self._primary[side].index(k)]
+        return _slice_stats(self._bulk[side], self._sidx[side].index(self._layers[side].index(k)), self.dim)
 
-    def _classes(self, side: str, j: int) -> dict[str, tuple[int, torch.Tensor]]:
+    def _classes(self, side: str, k: int) -> dict[str, tuple[int, torch.Tensor]]:
+        """Per token class of ``side`` at HF layer ``k``: token count and per-dim mean."""
+        j = self._layers[side].index(k)
         out = {}
         for c in TokenClass:
             n = int(self._ccount[side][c])
@@ -644,8 +714,9 @@ class CorpusAnalysis:
         flags = torch.stack(self._flags) if self._flags else None  # [P, L, D]
         results: dict[int, LayerResult] = {}
         for j, k in enumerate(self.layers):
-            rs, ts = self._scope_stats("ref", j), self._scope_stats("tgt", j)
-            rc, tc = self._classes("ref", j), self._classes("tgt", j)
+            rk = k if self.reference_layer is None else self.reference_layer
+            rs, ts = self._scope_stats("ref", rk), self._scope_stats("tgt", k)
+            rc, tc = self._classes("ref", rk), self._classes("tgt", k)
             for name, st in (("reference", rs), ("target", ts)):
                 if st.count < 2:
                     raise ValueError(
@@ -660,7 +731,8 @@ class CorpusAnalysis:
             n_cos = int(self._cos_n[j])
             cos = float(self._cos_sum[j] / n_cos) if n_cos else math.nan
             res = LayerResult(
-                layer=k, comparison=comp, reference=rs, target=ts, reference_classes=rc, target_classes=tc,
+                layer=k, reference_layer=rk, comparison=comp, reference=rs, target=ts,
+                reference_classes=rc, target_classes=tc,
                 consistent=consistent, prompt_specific=specific, frequency=freq,
                 flag_prompts=0 if flags is None else int(flags.shape[0]), cosine=cos, cosine_tokens=n_cos,
                 verdict=verdict(cos, comp.std_pearson, comp.mean_pearson, len(comp.outliers)))
@@ -681,7 +753,7 @@ class CorpusAnalysis:
         if flags is None:
             warnings.append("no prompt had ≥ 2 scope tokens on both sides: "
                             "the consistent/prompt-specific split is empty")
-        if not int(self._cos_n[self._pidx[0]]):
+        if not int(self._cos_n[self._pidx["tgt"][0]]):
             warnings.append("no aligned tokens were found: the cosine (and the verdict) is n/a")
         warnings.extend(self._notes)
         counts = {name: {c.name.lower(): int(self._ccount[side][c]) for c in TokenClass}
@@ -690,4 +762,5 @@ class CorpusAnalysis:
             layers=list(self.layers), results=results, report_layer=self.primary[0], scope=self.scope,
             thresholds=th, prompt_count=self._prompts, class_counts=counts, warnings=warnings,
             prompt_cosines=list(self._prompt_cos), reference_model=str(reference_model),
-            target_model=str(target_model), dit_eps=None if self._dit is None else self._dit.eps)
+            target_model=str(target_model), dit_eps=None if self._dit is None else self._dit.eps,
+            reference_layer=self.reference_layer)

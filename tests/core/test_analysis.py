@@ -402,3 +402,158 @@ def test_realistic_profile_massive_dims_and_two_sided_outliers(reference_stats_n
     assert lr.consistent == [7, 396] and lr.prompt_specific == []
     assert {4, 396}.issubset(lr.comparison.hyper_ref)
     assert lr.verdict.rows[3].passed  # 2 outlier dims < 10
+
+
+# ---------------------------------------------------------------------------- reference layer != target layer
+HF7 = [-7, -6, -5, -4, -3, -2, -1]  # HF indices of a 6-block encoder, stacked on axis 0 in this order
+
+
+def _layered_corpus(n_prompts=5, seed=11):
+    """[7, T, D] per prompt; each layer its own scale so pairing the wrong layers cannot go unnoticed."""
+    corpus = _corpus(n_prompts=n_prompts, layers=len(HF7), scale_dims=(2,), once_dims=(9,), seed=seed)
+    scale = torch.arange(1, len(HF7) + 1, dtype=torch.float64).view(-1, 1, 1)
+    return [(ref * scale, tgt * scale.flip(0), lab) for ref, tgt, lab in corpus]
+
+
+def _pair_run(corpus, ref_layer, tgt_layers, **kw):
+    """Reference fed at ``ref_layer`` only ([T, D]), target at ``tgt_layers`` ([L, T, D])."""
+    an = CorpusAnalysis(D, layers=tgt_layers, reference_layer=ref_layer, **kw)
+    for i, (ref, tgt, lab) in enumerate(corpus):
+        an.add_prompt(ref[HF7.index(ref_layer)], tgt[[HF7.index(k) for k in tgt_layers]], lab, lab, prompt=f"p{i}")
+    return an
+
+
+def test_reference_layer_pair_equals_direct_statistics_of_each_layer(tmp_path):
+    """Reference -2 paired with target -6: exactly the reference's layer -2 and the target's layer -6 statistics
+    (as a same-layer analysis of each layer computes them, and as numpy computes them)."""
+    corpus = _layered_corpus()
+    res = _pair_run(corpus, -2, [-6]).finish(reference_model="qwen3-4b", target_model="qwen3-vl")
+    assert res.reference_layer == -2 and res.layers == [-6] and not res.is_sweep
+    got = res.result()
+    assert (got.layer, got.reference_layer) == (-6, -2)
+    same = _run(corpus, layers=HF7).finish()
+    for name in ("mean", "m2", "m3", "m4", "min", "max"):
+        assert torch.equal(getattr(got.reference, name), getattr(same.result(-2).reference, name)), name
+        assert torch.equal(getattr(got.target, name), getattr(same.result(-6).target, name)), name
+    for name, (n, mean) in got.reference_classes.items():
+        assert n == same.result(-2).reference_classes[name][0]
+        torch.testing.assert_close(mean, same.result(-2).reference_classes[name][1], rtol=1e-12, atol=1e-12,
+                                   equal_nan=True)
+    table = res.fix_table()
+    assert (table.meta.layer, table.meta.reference_layer) == (-6, -2)
+    ref_cat = _content_concat(corpus, "ref", layer=HF7.index(-2))
+    tgt_cat = _content_concat(corpus, "tgt", layer=HF7.index(-6))
+    np.testing.assert_allclose(table.reference_std.double().numpy(), ref_cat.numpy().std(0, ddof=1), rtol=1e-6)
+    np.testing.assert_allclose(table.target_std.double().numpy(), tgt_cat.numpy().std(0, ddof=1), rtol=1e-6)
+    np.testing.assert_allclose(table.target_mean.double().numpy(), tgt_cat.numpy().mean(0), rtol=1e-6, atol=1e-6)
+    assert torch.equal(table.extras["reference_p99"], torch.from_numpy(np.percentile(ref_cat.numpy(), 99, 0)).float())
+    # cosine of reference -2 tokens with target -6 tokens, numpy
+    a, b = ref_cat.numpy(), tgt_cat.numpy()
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert got.cosine == pytest.approx(float(cos.mean()), rel=1e-9) and got.cosine_tokens == len(cos)
+    # per-prompt flags: the compare ratio rule on this prompt's reference -2 and target -6 σ
+    flags = []
+    for r, t, lab in corpus:
+        m = scope_mask(lab, "content")
+        a, b = DimStats(D), DimStats(D)
+        a.update(r[HF7.index(-2)][m])
+        b.update(t[HF7.index(-6)][m])
+        flags.append(outlier_flags(a, b))
+    freq = torch.stack(flags).double().mean(0)
+    torch.testing.assert_close(got.frequency.double(), freq)
+    back = load_fix_table(save_fix_table(table, tmp_path / "vl.safetensors"))
+    assert (back.meta.layer, back.meta.reference_layer) == (-6, -2)
+    md = res.report_markdown()
+    assert "reference HF `hidden_states[-2]`, target HF `hidden_states[-6]`" in md
+    assert "## Verdict (target layer -6 vs reference layer -2)" in md
+    # the same pair given as one reference layer equal to the target layer == the same-layer analysis
+    one = _pair_run(corpus, -2, [-2]).finish()
+    for name in ("sigma_ref", "sigma_tgt", "ratio"):
+        assert torch.equal(getattr(one.result().comparison, name), getattr(same.result(-2).comparison, name))
+
+
+def test_fixed_reference_sweep_equals_single_pair_runs():
+    corpus = _layered_corpus(n_prompts=4, seed=12)
+    sweep = _pair_run(corpus, -2, HF7, primary_layers=[-6]).finish()
+    assert sweep.report_layer == -6 and sweep.is_sweep and sweep.reference_layer == -2
+    cross = {row["layer"]: row for row in sweep.cross_layer()}
+    assert cross == {row["layer"]: row for row in sweep.cross_layer(-2)}
+    with pytest.raises(KeyError, match="not measured at layer -3"):
+        sweep.cross_layer(-3)
+    for k in HF7:
+        one = _pair_run(corpus, -2, [k]).finish().result()
+        got = sweep.result(k)
+        assert got.reference_layer == -2
+        for name in ("sigma_ref", "sigma_tgt", "mean_ref", "mean_tgt", "ratio"):
+            torch.testing.assert_close(getattr(got.comparison, name), getattr(one.comparison, name), rtol=1e-12,
+                                       atol=0)
+        assert got.comparison.outliers == one.comparison.outliers
+        assert (got.consistent, got.prompt_specific) == (one.consistent, one.prompt_specific)
+        assert got.cosine == pytest.approx(one.cosine, rel=1e-12)
+        # cross_layer (what the recommendation uses) is the per-layer comparison with the fixed reference
+        assert cross[k]["outliers"] == len(got.comparison.outliers)
+        assert cross[k]["std_pearson"] == pytest.approx(got.comparison.std_pearson, rel=1e-12)
+        t = sweep.fix_table(k)
+        assert (t.meta.layer, t.meta.reference_layer) == (k, -2)
+        assert ("target_p50" in t.extras) == (k == -6) and "reference_p50" in t.extras
+
+
+def test_fixed_reference_sweep_recommends_the_matching_target_layer():
+    gen = torch.Generator().manual_seed(3)
+    an = CorpusAnalysis(D, layers=[-4, -3, -2, -1], reference_layer=-2, primary_layers=[-2])
+    for _ in range(4):
+        ref, lab = _prompt(gen, 12, layers=1)
+        tgt = ref.repeat(4, 1, 1)
+        tgt[0, :, :5] *= 10  # -4: 5 dims off
+        tgt[2, :, :3] *= 10  # -2: 3 dims off
+        tgt[3, :, :1] *= 10  # -1: 1 dim off; -3 reproduces the reference's layer -2
+        an.add_prompt(ref[0], tgt, lab, lab)
+    res = an.finish()
+    assert res.recommended_layer() == -3
+    assert [r["outliers"] for r in res.cross_layer()] == [5, 0, 3, 1]
+    md = res.report_markdown()
+    assert "Every target layer k vs the reference at layer -2" in md and "**Recommended target layer: -3**" in md
+    assert "pairs the same layer (-2) of both encoders" in md and "re-run with target layer -3" in md
+
+
+def test_reference_layer_shapes_types_and_merge_are_checked():
+    corpus = _layered_corpus(n_prompts=2)
+    ref, tgt, lab = corpus[0]
+    an = CorpusAnalysis(D, layers=[-6, -5], reference_layer=-2)
+    with pytest.raises(ValueError, match=r"ref_hidden must have shape \[T, 16\] \(layer -2\)"):
+        an.add_prompt(ref[:2], tgt[1:3], lab, lab)
+    with pytest.raises(ValueError, match=r"tgt_hidden must have shape \[2, T, 16\]"):
+        an.add_prompt(ref[5], tgt[1], lab, lab)
+    an.add_prompt(ref[5].unsqueeze(0), tgt[1:3], lab, lab)  # [1, T, D] is accepted too
+    assert an.prompt_count == 1
+    with pytest.raises(TypeError, match="reference_layer must be an int"):
+        CorpusAnalysis(D, layers=[-6], reference_layer=True)
+    other = CorpusAnalysis(D, layers=[-6, -5])
+    with pytest.raises(ValueError, match="reference layer"):
+        an.merge(other)
+    a = _pair_run(corpus[:1], -2, [-6, -5])
+    b = _pair_run(corpus[1:], -2, [-6, -5])
+    whole = _pair_run(corpus, -2, [-6, -5]).finish()
+    merged = a.merge(b).finish()
+    assert merged.reference_layer == -2
+    for k in (-6, -5):
+        torch.testing.assert_close(merged.result(k).comparison.sigma_ref, whole.result(k).comparison.sigma_ref,
+                                   rtol=1e-12, atol=0)
+        torch.testing.assert_close(merged.result(k).comparison.sigma_tgt, whole.result(k).comparison.sigma_tgt,
+                                   rtol=1e-12, atol=0)
+
+
+def test_token_class_plot_counts_tokens(monkeypatch):
+    from dimfix import plots
+
+    calls = []
+    original = plots.class_counts
+
+    def spy(counts, *args, **kwargs):
+        calls.append((kwargs.get("title"), kwargs.get("ylabel", "dims")))
+        return np.zeros((4, 4, 3), np.uint8)
+
+    monkeypatch.setattr(plots, "class_counts", spy)
+    _run(_corpus(n_prompts=3)).finish().plots()
+    assert calls == [("Dimension classes", "dims"), ("Tokens per class", "tokens")]
+    assert original is not spy
