@@ -39,13 +39,16 @@ def comfy(tmp_path_factory):
     path = str(Path(COMFYUI_PATH).resolve())
     if path not in sys.path:
         sys.path.insert(0, path)
-    from zdf_testkit.host_env import ensure_torchvision_importable
+    from zdf_testkit.host_env import ensure_torchvision_importable, torchvision_importable
 
     # transformers caches (lru_cache) whether torchvision exists: ask before the stand-in is on sys.path,
     # so transformers models used as test references never try to use the stand-in.
     from transformers.utils import import_utils as transformers_import_utils
 
-    transformers_import_utils.is_torchvision_available()
+    if transformers_import_utils.is_torchvision_available() and not torchvision_importable():
+        pytest.exit("torchvision is installed but does not import with this torch (a build for another torch "
+                    "release); uninstall it ('pip uninstall torchvision') so the host tier can use its import-only "
+                    "stand-in, or install the torchvision build that matches torch", returncode=4)
     ensure_torchvision_importable()
     from comfy.cli_args import args
 
