@@ -59,9 +59,9 @@ def _hf_layers(clip, socket: str) -> int:
     return int(_inner(clip, socket).num_layers) + 1
 
 
-def _normalise_layer(layer: int, n_states: int, socket: str) -> int:
+def _normalise_layer(layer: int, n_states: int, socket: str, widget: str = "layer") -> int:
     if not -n_states <= int(layer) < n_states:
-        raise ValueError(f"{NODE}: layer {layer} is out of range for '{socket}', which has {n_states} HF hidden "
+        raise ValueError(f"{NODE}: {widget} {layer} is out of range for '{socket}', which has {n_states} HF hidden "
                          f"states (valid: {-n_states} .. {n_states - 1}; -2 is the Z-Image default)")
     return int(layer) - n_states if layer >= 0 else int(layer)
 
@@ -209,9 +209,13 @@ class DimensionAnalyzer(io.ComfyNode):
                                         "Empty = the pack's calibration corpus (fix_tables/calibration_prompts.txt). "
                                         "The Z-Image chat template is added automatically."),
                 io.Int.Input("layer", default=-2, min=-64, max=64,
-                             tooltip="Hidden layer in Hugging Face hidden_states indexing (-2 = Z-Image default; "
-                                     "0 = embeddings, -1 = final normed output). The table is measured at this "
-                                     "layer; in conditioning mode it is only recorded in the table."),
+                             tooltip="Target's hidden layer in Hugging Face hidden_states indexing (-2 = Z-Image "
+                                     "default, -6 is the usual choice for VL encoders; 0 = embeddings, -1 = final "
+                                     "normed output). In conditioning mode it is only recorded in the table."),
+                io.Int.Input("reference_layer", default=-2, min=-64, max=64,
+                             tooltip="Reference's hidden layer, HF indexing. Keep -2: it is what Z-Image was trained "
+                                     "on. When it differs from 'layer' the table pairs the target at 'layer' with "
+                                     "the reference at this layer (and a sweep compares every target layer with it)."),
                 io.Boolean.Input("sweep_all_layers", default=False,
                                  tooltip="Also analyse every layer (all from the same single forward per prompt): "
                                          "the report adds a per-layer table and a recommended target layer."),
@@ -254,19 +258,19 @@ class DimensionAnalyzer(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, prompts="", layer=-2, sweep_all_layers=False, outlier_ratio=3.0,
-                           dead_threshold=0.01, hyper_multiplier=5.0, token_scope="content", save_name="",
-                           overwrite=False, **linked) -> str:
+    def fingerprint_inputs(cls, prompts="", layer=-2, reference_layer=-2, sweep_all_layers=False,
+                           outlier_ratio=3.0, dead_threshold=0.01, hyper_multiplier=5.0, token_scope="content",
+                           save_name="", overwrite=False, **linked) -> str:
         """Widget values only: linked inputs (encoders, model, conditionings) arrive as None here, so their
         identity cannot be part of this fingerprint; ComfyUI already re-runs the node when an upstream output
         changes (e.g. another checkpoint is loaded), and otherwise reuses the cached result."""
-        key = repr((prompts, layer, sweep_all_layers, outlier_ratio, dead_threshold, hyper_multiplier, token_scope,
+        key = repr((prompts, layer, reference_layer, sweep_all_layers, outlier_ratio, dead_threshold, hyper_multiplier, token_scope,
                     save_name, overwrite))
         return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
     @classmethod
-    def execute(cls, prompts: str = "", layer: int = -2, sweep_all_layers: bool = False, outlier_ratio: float = 3.0,
-                dead_threshold: float = 0.01, hyper_multiplier: float = 5.0, token_scope: str = "content",
+    def execute(cls, prompts: str = "", layer: int = -2, reference_layer: int = -2, sweep_all_layers: bool = False,
+                outlier_ratio: float = 3.0, dead_threshold: float = 0.01, hyper_multiplier: float = 5.0, token_scope: str = "content",
                 reference=None, target=None, model=None, reference_conditioning=None, target_conditioning=None,
                 save_name: str = "", overwrite: bool = False) -> io.NodeOutput:
         import comfy.model_management
@@ -302,7 +306,8 @@ class DimensionAnalyzer(io.ComfyNode):
                                  f"{tgt_items[0].shape[-1]}, all: {sorted(widths)}); both must come from encoders "
                                  "of the same hidden size")
             dim = widths.pop()
-            an = CorpusAnalysis(dim, layers=[int(layer)], thresholds=thresholds, scope=token_scope)
+            an = CorpusAnalysis(dim, layers=[int(layer)], thresholds=thresholds, scope=token_scope,
+                                reference_layer=None if int(reference_layer) == int(layer) else int(reference_layer))
             _set_dit(an, model)
             pbar = comfy.utils.ProgressBar(len(ref_items))
             for i, (r, t) in enumerate(zip(ref_items, tgt_items)):
@@ -327,16 +332,17 @@ class DimensionAnalyzer(io.ComfyNode):
             for note in corpus.notes:
                 log.info("%s: %s", NODE, note)
             n_ref, n_tgt = _hf_layers(reference, "reference"), _hf_layers(target, "target")
-            if sweep_all_layers and n_ref != n_tgt:
-                raise ValueError(f"{NODE}: sweep_all_layers needs encoders with the same depth; 'reference' has "
-                                 f"{n_ref} hidden states and 'target' {n_tgt}")
-            k_ref = _normalise_layer(layer, n_ref, "reference")
-            k_tgt = _normalise_layer(layer, n_tgt, "target")
+            k_ref = _normalise_layer(reference_layer, n_ref, "reference", "reference_layer")
+            k_tgt = _normalise_layer(layer, n_tgt, "target", "layer")
+            # same layer on both sides: layer k is paired with layer k (a sweep measures both encoders at every
+            # layer); otherwise the reference is measured at k_ref only and every target layer is paired with it
+            paired = k_ref == k_tgt and (n_ref == n_tgt or not sweep_all_layers)
+            ref_fixed = None if paired else k_ref
             if sweep_all_layers:
-                labels = list(range(-n_ref, 0))
-                sel_ref, sel_tgt = "all", "all"
+                labels = list(range(-n_tgt, 0))
+                sel_ref, sel_tgt = ("all" if paired else [k_ref + n_ref]), "all"
             else:
-                labels = [k_ref]
+                labels = [k_tgt]
                 sel_ref, sel_tgt = [k_ref + n_ref], [k_tgt + n_tgt]
             an = None
             pbar = comfy.utils.ProgressBar(len(corpus.prompts))
@@ -349,7 +355,7 @@ class DimensionAnalyzer(io.ComfyNode):
                                      f"{t.shape[-1]}); a fix table needs the same hidden size")
                 if an is None:
                     an = CorpusAnalysis(r.shape[-1], layers=labels, thresholds=thresholds, scope=token_scope,
-                                        primary_layers=[k_ref])
+                                        primary_layers=[k_tgt], reference_layer=ref_fixed)
                     _set_dit(an, model)
                 an.add_prompt(r, t, _labels(r_ids, r.shape[1]), _labels(t_ids, t.shape[1]), prompt=prompt,
                               ref_ids=r_ids, tgt_ids=t_ids)

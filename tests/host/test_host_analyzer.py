@@ -109,7 +109,7 @@ def test_schema(node, pack):
     for o in s.outputs:
         assert o.tooltip, o.display_name
     ids = [i.id for i in s.inputs]
-    for name in ("reference", "target", "prompts", "layer", "sweep_all_layers", "outlier_ratio", "dead_threshold",
+    for name in ("reference", "target", "prompts", "layer", "reference_layer", "sweep_all_layers", "outlier_ratio", "dead_threshold",
                  "hyper_multiplier", "token_scope", "model", "reference_conditioning", "target_conditioning",
                  "save_name", "overwrite"):
         assert name in ids
@@ -181,7 +181,7 @@ def test_all_layers_match_transformers_and_table_equals_core_stats_on_them(node,
             expected = torch.cat(tq.run_hidden_states(hf, ids))  # [L + 1, T, D]
             torch.testing.assert_close(hidden, expected, rtol=1e-4, atol=1e-4)
             per_side[side].append((expected[-3], ids))
-    table = run(node, reference=clips[0], target=clips[1], layer=-3).args[0]
+    table = run(node, reference=clips[0], target=clips[1], layer=-3, reference_layer=-3).args[0]
     for side, mean, std in (("reference", table.reference_mean, table.reference_std),
                             ("target", table.target_mean, table.target_std)):
         direct = direct_stats(core, per_side[side])
@@ -206,7 +206,7 @@ def test_sweep_one_forward_per_prompt_and_equals_single_runs(node, clips, captur
     sweep = capture[-1]
     assert sweep.layers == list(range(-(N_LAYERS + 1), 0))
     for k in (-5, -3, -2, -1):
-        single_table = run(node, reference=ref_clip, target=tgt_clip, layer=k).args[0]
+        single_table = run(node, reference=ref_clip, target=tgt_clip, layer=k, reference_layer=k).args[0]
         single = capture[-1].result(k)
         got = sweep.result(k)
         for name in ("sigma_ref", "sigma_tgt", "mean_ref", "mean_tgt"):
@@ -217,9 +217,68 @@ def test_sweep_one_forward_per_prompt_and_equals_single_runs(node, clips, captur
         assert got.cosine == pytest.approx(single.cosine, rel=1e-6)
         if k == -2:
             assert torch.equal(single_table.target_std, sweep_table.target_std)
-    report = run(node, reference=ref_clip, target=tgt_clip, sweep_all_layers=True, layer=0).args[1]
+    report = run(node, reference=ref_clip, target=tgt_clip, sweep_all_layers=True, layer=0,
+                 reference_layer=0).args[1]
     assert "## Layer sweep" in report and "Recommended target layer" in report
-    assert run(node, reference=ref_clip, target=tgt_clip, layer=N_LAYERS).args[0].meta.layer == -1
+    assert capture[-1].report_layer == -(N_LAYERS + 1) and capture[-1].reference_layer is None
+    meta = run(node, reference=ref_clip, target=tgt_clip, layer=N_LAYERS, reference_layer=N_LAYERS).args[0].meta
+    assert (meta.layer, meta.reference_layer) == (-1, -1)
+
+
+def test_target_layer_against_reference_layer_equals_transformers_stats(node, pack, clips, capture, fast_plots):
+    """layer -4 of the target against layer -2 of the reference (what a VL encoder at -6 vs Qwen3-4B at -2 does):
+    the table equals the core statistics of transformers' hidden_states[-2] (reference) and [-4] (target)."""
+    core = pack.core
+    per_side = {"reference": [], "target": []}
+    for side, clip, k in (("reference", clips[0], -2), ("target", clips[1], -4)):
+        hf = tq.hf_model(*tiny_weights(side))
+        for p in PROMPTS:
+            ids = [t for t, _ in clip.tokenize(p)["qwen3_4b"][0]]
+            per_side[side].append((tq.run_hidden_states(hf, ids)[k][0], ids))
+    table = run(node, reference=clips[0], target=clips[1], layer=-4, reference_layer=-2).args[0]
+    assert (table.meta.layer, table.meta.reference_layer) == (-4, -2)
+    assert capture[-1].reference_layer == -2 and capture[-1].layers == [-4]
+    for side, mean, std in (("reference", table.reference_mean, table.reference_std),
+                            ("target", table.target_mean, table.target_std)):
+        direct = direct_stats(core, per_side[side])
+        torch.testing.assert_close(mean, direct.float32()[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(std, direct.float32()[1], rtol=1e-4, atol=1e-5)
+    assert "target layer -4 vs reference layer -2" in capture[-1].report_markdown()
+    # the default reference layer is -2 whatever the target layer
+    assert run(node, reference=clips[0], target=clips[1], layer=-4).args[0].meta.reference_layer == -2
+
+
+def test_sweep_against_a_fixed_reference_layer(node, clips, capture, monkeypatch, fast_plots):
+    """Every target layer vs the reference at -2, from one forward per prompt per encoder; each layer equals the
+    single run of that pair."""
+    ref_clip, tgt_clip = clips
+    counts = {"reference": 0, "target": 0}
+    for name, clip in (("reference", ref_clip), ("target", tgt_clip)):
+        transformer = clip.cond_stage_model.qwen3_4b.transformer
+        original = transformer.forward
+
+        def counted(*a, _orig=original, _name=name, **k):
+            counts[_name] += 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(transformer, "forward", counted)
+    report = run(node, reference=ref_clip, target=tgt_clip, layer=-3, reference_layer=-2,
+                 sweep_all_layers=True).args[1]
+    assert counts == {"reference": len(PROMPTS), "target": len(PROMPTS)}
+    sweep = capture[-1]
+    assert sweep.reference_layer == -2 and sweep.report_layer == -3
+    assert sweep.layers == list(range(-(N_LAYERS + 1), 0))
+    assert "Every target layer k vs the reference at layer -2" in report
+    for k in sweep.layers:
+        run(node, reference=ref_clip, target=tgt_clip, layer=k, reference_layer=-2)
+        single = capture[-1].result(k)
+        got = sweep.result(k)
+        assert got.reference_layer == single.reference_layer == -2
+        for name in ("sigma_ref", "sigma_tgt", "mean_ref", "mean_tgt"):
+            torch.testing.assert_close(getattr(got.comparison, name), getattr(single.comparison, name),
+                                       rtol=1e-6, atol=0)
+        assert got.comparison.outliers == single.comparison.outliers
+        assert got.cosine == pytest.approx(single.cosine, rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +377,11 @@ def test_conditioning_pair_mode_equals_encoder_mode(node, clips, fast_plots):
     for name in ("reference_mean", "reference_std", "target_mean", "target_std"):
         assert torch.equal(getattr(table, name), getattr(from_clips, name)), name
     assert all(torch.equal(a[0], b) for a, b in zip(ref_cond, snapshot))
-    assert table.meta.template == "" and table.meta.layer == -2
+    assert table.meta.template == "" and table.meta.layer == -2 and table.meta.reference_layer == -2
+    # a VL target taken at -6 elsewhere: both layers are recorded, the statistics are the same
+    vl = run(node, reference_conditioning=ref_cond, target_conditioning=tgt_cond, layer=-6).args[0]
+    assert (vl.meta.layer, vl.meta.reference_layer) == (-6, -2)
+    assert torch.equal(vl.target_std, table.target_std) and torch.equal(vl.reference_std, table.reference_std)
 
 
 def test_bad_inputs_give_clear_errors(node, clips):
@@ -342,8 +405,11 @@ def test_bad_inputs_give_clear_errors(node, clips):
         run(node, reference_conditioning=cond, target_conditioning=wide)
     with pytest.raises(ValueError, match="holds 1 sequences but 'target_conditioning' 2"):
         run(node, reference_conditioning=cond, target_conditioning=cond + cond)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match="layer 5 is out of range for 'target'"):
         run(node, reference=ref_clip, target=tgt_clip, layer=N_LAYERS + 1)
+    with pytest.raises(ValueError, match=r"reference_layer -9 is out of range for 'reference', which has 5 HF hidden "
+                                         r"states \(valid: -5 .. 4"):
+        run(node, reference=ref_clip, target=tgt_clip, reference_layer=-9)
     with pytest.raises(ValueError, match="sweep_all_layers needs the 'reference' and 'target' encoders"):
         run(node, reference_conditioning=cond, target_conditioning=cond, sweep_all_layers=True)
 
@@ -382,5 +448,6 @@ def test_fingerprint_covers_widgets(node):
     assert a == node.fingerprint_inputs(prompts="x", layer=-2, reference=None)
     assert a != node.fingerprint_inputs(prompts="y", layer=-2)
     assert a != node.fingerprint_inputs(prompts="x", layer=-3)
+    assert a != node.fingerprint_inputs(prompts="x", layer=-2, reference_layer=-3)
     assert a != node.fingerprint_inputs(prompts="x", layer=-2, outlier_ratio=10.0)
     assert a != node.fingerprint_inputs(prompts="x", layer=-2, sweep_all_layers=True)

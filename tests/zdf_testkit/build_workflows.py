@@ -197,9 +197,9 @@ def fix_comparison_grid(specs: dict) -> Graph:
 
 
 #: Dimension Analyzer widgets in the bundled workflows ("" prompts = the pack's calibration corpus).
-ANALYZER_WIDGETS = {"prompts": "", "layer": -2, "sweep_all_layers": False, "outlier_ratio": 3.0,
-                    "dead_threshold": 0.01, "hyper_multiplier": 5.0, "token_scope": "content", "save_name": "",
-                    "overwrite": False}
+ANALYZER_WIDGETS = {"prompts": "", "layer": -2, "reference_layer": -2, "sweep_all_layers": False,
+                    "outlier_ratio": 3.0, "dead_threshold": 0.01, "hyper_multiplier": 5.0, "token_scope": "content",
+                    "save_name": "", "overwrite": False}
 #: Embedding Dimension Fix widgets (the mode is set per node; 0 = the table's thresholds).
 FIX_WIDGETS = {"mode": BEST_MODE, "strength": 1.0, "token_scope": "content", "table_file": "none",
                "outlier_ratio": 0.0, "hyper_mult": 0.0, "clamp_sigma": 0.0}
