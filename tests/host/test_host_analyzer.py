@@ -77,6 +77,22 @@ def fast_plots(pack, monkeypatch):
     monkeypatch.setattr(analysis.AnalysisResult, "plots", lambda self: [np.full((8, 8, 3), 255, np.uint8)])
 
 
+@pytest.fixture
+def forward_counts(clips, monkeypatch):
+    """Counts the transformer forwards of each encoder: ``{"reference": n, "target": n}``."""
+    counts = {"reference": 0, "target": 0}
+    for name, clip in zip(("reference", "target"), clips):
+        transformer = clip.cond_stage_model.qwen3_4b.transformer
+        original = transformer.forward
+
+        def counted(*a, _orig=original, _name=name, **k):
+            counts[_name] += 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(transformer, "forward", counted)
+    return counts
+
+
 def run(node, **kw):
     """``node.execute`` the way ComfyUI's executor runs every node: under ``torch.inference_mode()``."""
     kw.setdefault("prompts", "\n".join(PROMPTS))
@@ -189,18 +205,9 @@ def test_all_layers_match_transformers_and_table_equals_core_stats_on_them(node,
         torch.testing.assert_close(std, direct.float32()[1], rtol=1e-4, atol=1e-5)
 
 
-def test_sweep_one_forward_per_prompt_and_equals_single_runs(node, clips, capture, monkeypatch, fast_plots):
+def test_sweep_one_forward_per_prompt_and_equals_single_runs(node, clips, capture, forward_counts, fast_plots):
     ref_clip, tgt_clip = clips
-    counts = {"reference": 0, "target": 0}
-    for name, clip in (("reference", ref_clip), ("target", tgt_clip)):
-        transformer = clip.cond_stage_model.qwen3_4b.transformer
-        original = transformer.forward
-
-        def counted(*a, _orig=original, _name=name, **k):
-            counts[_name] += 1
-            return _orig(*a, **k)
-
-        monkeypatch.setattr(transformer, "forward", counted)
+    counts = forward_counts
     sweep_table = run(node, reference=ref_clip, target=tgt_clip, sweep_all_layers=True).args[0]
     assert counts == {"reference": len(PROMPTS), "target": len(PROMPTS)}
     sweep = capture[-1]
@@ -248,20 +255,11 @@ def test_target_layer_against_reference_layer_equals_transformers_stats(node, pa
     assert run(node, reference=clips[0], target=clips[1], layer=-4).args[0].meta.reference_layer == -2
 
 
-def test_sweep_against_a_fixed_reference_layer(node, clips, capture, monkeypatch, fast_plots):
+def test_sweep_against_a_fixed_reference_layer(node, clips, capture, forward_counts, fast_plots):
     """Every target layer vs the reference at -2, from one forward per prompt per encoder; each layer equals the
     single run of that pair."""
     ref_clip, tgt_clip = clips
-    counts = {"reference": 0, "target": 0}
-    for name, clip in (("reference", ref_clip), ("target", tgt_clip)):
-        transformer = clip.cond_stage_model.qwen3_4b.transformer
-        original = transformer.forward
-
-        def counted(*a, _orig=original, _name=name, **k):
-            counts[_name] += 1
-            return _orig(*a, **k)
-
-        monkeypatch.setattr(transformer, "forward", counted)
+    counts = forward_counts
     report = run(node, reference=ref_clip, target=tgt_clip, layer=-3, reference_layer=-2,
                  sweep_all_layers=True).args[1]
     assert counts == {"reference": len(PROMPTS), "target": len(PROMPTS)}
