@@ -128,9 +128,9 @@ def _std_tokens(x: torch.Tensor) -> torch.Tensor:
 
 def _ratio_flags(s_ref: torch.Tensor, s_tgt: torch.Tensor, th: Thresholds) -> torch.Tensor:
     """Two-sided outlier flags ``[L, D]`` from per-layer σ ``[L, D]``, with the ratio rule of ``dimfix.compare``."""
-    med = _median_last(s_ref)
-    eps = th.eps_rel * med
-    eps = torch.where(eps > 0, eps, th.eps_rel * s_ref.amax(-1, keepdim=True))
+    pooled = torch.cat([s_ref.expand_as(s_tgt), s_tgt], -1)  # [L, 2D]: the eps of both models' σ
+    eps = th.eps_rel * _median_last(pooled)
+    eps = torch.where(eps > 0, eps, th.eps_rel * pooled.amax(-1, keepdim=True))
     eps = torch.where(torch.isfinite(eps), eps.clamp_min(_TINY), torch.full_like(eps, _TINY))
     r = (s_tgt + eps) / (s_ref + eps)
     return (r > th.outlier_ratio) | (r < 1.0 / th.outlier_ratio)

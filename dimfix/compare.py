@@ -2,10 +2,11 @@
 
 Conventions
     - σ is the ``ddof=1`` standard deviation of :class:`~dimfix.stats.DimStats`.
-    - Ratios use a *relative* epsilon: ``eps = eps_rel × median(σ_ref)`` (true median); when that is
-      0 (a reference with mostly constant dims) ``eps = eps_rel × max(σ_ref)``, and never less than
-      the smallest positive float64. ``ratio = (σ_tgt + eps) / (σ_ref + eps)``, so a zero reference
-      σ gives a finite ratio and ``log_ratio(a, b) = -log_ratio(b, a)`` exactly (symmetric).
+    - Ratios use a *relative* epsilon of the pooled σ of both models: ``eps = eps_rel × median(σ_ref ∪
+      σ_tgt)`` (true median of the 2·D values); when that is 0 (mostly constant dims) ``eps = eps_rel ×
+      max(σ_ref ∪ σ_tgt)``, and never less than the smallest positive float64. ``ratio = (σ_tgt + eps) /
+      (σ_ref + eps)``, so a zero reference σ gives a finite ratio, and since ``eps`` does not depend on
+      which model is the reference, ``log_ratio(a, b) = -log_ratio(b, a)`` exactly (symmetric).
     - Index sets (outliers, dead, hyperactive, consistency) are sorted ``list[int]``.
     - Correlations are computed in float64 and returned as Python floats. Constant or empty input
       (or any NaN) gives ``nan`` — like scipy's ``pearsonr``/``spearmanr`` for constant input.
@@ -47,29 +48,37 @@ def _median(t: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------- ratios
-def ratio_eps(sigma_ref: torch.Tensor, eps_rel: float) -> float:
-    """The absolute epsilon used by :func:`std_ratio` (see module docs)."""
-    ref = _vec(sigma_ref)
-    eps = eps_rel * _median(ref)
+def ratio_eps(sigma_ref: torch.Tensor, eps_rel: float, sigma_tgt: torch.Tensor | None = None) -> float:
+    """The absolute epsilon used by :func:`std_ratio`: of the pooled σ of both models (of ``sigma_ref``
+    alone when ``sigma_tgt`` is None); see the module docs."""
+    pooled = _vec(sigma_ref) if sigma_tgt is None else torch.cat([_vec(sigma_ref), _vec(sigma_tgt)])
+    eps = eps_rel * _median(pooled)
     if not eps > 0:
-        eps = eps_rel * float(ref.max()) if ref.numel() else 0.0
+        eps = eps_rel * float(pooled.max()) if pooled.numel() else 0.0
     return max(eps, _TINY) if math.isfinite(eps) else _TINY
 
 
 def std_ratio(sigma_tgt: torch.Tensor, sigma_ref: torch.Tensor, eps_rel: float = Thresholds.eps_rel) -> torch.Tensor:
-    """``(σ_tgt + eps) / (σ_ref + eps)`` per dim, float64, with ``eps = eps_rel × median σ_ref``."""
+    """``(σ_tgt + eps) / (σ_ref + eps)`` per dim, float64, with ``eps = eps_rel × median(σ_ref ∪ σ_tgt)``."""
     tgt, ref = _vec(sigma_tgt), _vec(sigma_ref)
     if tgt.shape != ref.shape:
         raise ValueError(f"std_ratio: sigma_tgt has {tgt.numel()} dims, sigma_ref {ref.numel()}")
     if not eps_rel >= 0:
         raise ValueError(f"std_ratio: eps_rel must be >= 0, got {eps_rel}")
-    eps = ratio_eps(ref, eps_rel)
+    eps = ratio_eps(ref, eps_rel, tgt)
     return (tgt + eps) / (ref + eps)
 
 
 def log_ratio(sigma_tgt: torch.Tensor, sigma_ref: torch.Tensor, eps_rel: float = Thresholds.eps_rel) -> torch.Tensor:
-    """Natural log of :func:`std_ratio` (symmetric: swapping the models flips the sign)."""
-    return torch.log(std_ratio(sigma_tgt, sigma_ref, eps_rel))
+    """Natural log of :func:`std_ratio`, as ``log(σ_tgt + eps) - log(σ_ref + eps)``: swapping the models
+    flips the sign bit for bit."""
+    tgt, ref = _vec(sigma_tgt), _vec(sigma_ref)
+    if tgt.shape != ref.shape:
+        raise ValueError(f"log_ratio: sigma_tgt has {tgt.numel()} dims, sigma_ref {ref.numel()}")
+    if not eps_rel >= 0:
+        raise ValueError(f"log_ratio: eps_rel must be >= 0, got {eps_rel}")
+    eps = ratio_eps(ref, eps_rel, tgt)
+    return torch.log(tgt + eps) - torch.log(ref + eps)
 
 
 # ---------------------------------------------------------------------------- correlations
@@ -277,9 +286,9 @@ def compare(ref: DimStats, tgt: DimStats, thresholds: Thresholds = Thresholds())
     if ref.dim != tgt.dim:
         raise ValueError(f"compare: ref has {ref.dim} dims, tgt {tgt.dim}")
     th = thresholds
-    eps = ratio_eps(s_ref, th.eps_rel)
+    eps = ratio_eps(s_ref, th.eps_rel, s_tgt)
     r = (s_tgt + eps) / (s_ref + eps)
-    lr = torch.log(r)
+    lr = torch.log(s_tgt + eps) - torch.log(s_ref + eps)
     dead_r, dead_t = _dead(s_ref, th), _dead(s_tgt, th)
     hyp_r, hyp_t = _hyper(s_ref, th), _hyper(s_tgt, th)
     m_ref, m_tgt = ref.mean, tgt.mean

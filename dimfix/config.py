@@ -16,7 +16,7 @@ class Thresholds:
     - ``dead_rel``: ... or when σ < ``dead_rel`` × the model's median σ (scale-free rule).
     - ``hyper_mult``: hyperactive when σ > ``hyper_mult`` × the same model's median σ.
     - ``clamp_sigma``: the legacy ``clamp`` mode limits hyperactive dims to ±``clamp_sigma``·σ_ref.
-    - ``eps_rel``: relative epsilon for ratios, as a fraction of the reference σ.
+    - ``eps_rel``: relative epsilon for ratios, as a fraction of the median σ of both models pooled.
     - ``min_tokens``: fewer tokens than this give a warning in reports (estimates are noise).
     """
 

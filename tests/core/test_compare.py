@@ -97,12 +97,18 @@ def test_std_ratio_relative_eps_and_symmetric_log():
     ref = torch.tensor([0.0, 1.0, 2.0, 4.0, 1000.0], dtype=torch.float64)
     tgt = torch.tensor([1.0, 1.0, 4.0, 1.0, 1000.0], dtype=torch.float64)
     eps_rel = 1e-3
-    eps = eps_rel * 2.0  # median σ_ref = 2
-    assert cmp.ratio_eps(ref, eps_rel) == pytest.approx(eps)
+    eps = eps_rel * 1.5  # pooled σ sorted: 0 1 1 1 1 | 2 4 4 1000 1000 -> median (1 + 2) / 2
+    assert cmp.ratio_eps(ref, eps_rel, tgt) == pytest.approx(eps) == cmp.ratio_eps(tgt, eps_rel, ref)
+    assert cmp.ratio_eps(ref, eps_rel) == pytest.approx(eps_rel * 2.0)  # the reference alone: median 2
     r = cmp.std_ratio(tgt, ref, eps_rel)
     np.testing.assert_allclose(r.numpy(), (tgt.numpy() + eps) / (ref.numpy() + eps), rtol=1e-15)
     assert math.isfinite(float(r[0])) and float(r[0]) == pytest.approx((1.0 + eps) / eps)
-    torch.testing.assert_close(cmp.log_ratio(tgt, ref, eps_rel), -cmp.log_ratio(ref, tgt, eps_rel * 2.0 / 1.0))
+    # symmetric with the same eps_rel: swapping the models flips the sign, exactly
+    assert torch.equal(cmp.log_ratio(tgt, ref, eps_rel), -cmp.log_ratio(ref, tgt, eps_rel))
+    a = _stats_from(_two_point(np.zeros(5), ref.numpy()))
+    b = _stats_from(_two_point(np.zeros(5), tgt.numpy()))
+    assert torch.equal(cmp.compare(a, b).log_ratio, -cmp.compare(b, a).log_ratio)
+    torch.testing.assert_close(cmp.log_ratio(tgt, ref, eps_rel), torch.log(r), rtol=1e-14, atol=1e-14)
     # all-zero reference: still finite
     z = cmp.std_ratio(torch.ones(3), torch.zeros(3), 1e-6)
     assert torch.isfinite(z).all()
