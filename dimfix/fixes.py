@@ -12,7 +12,8 @@ place of the same-prompt "emb"/"qwen3" statistics):
 - ``none``: unchanged.
 - ``rescale``: outlier dims (σ_tgt/q > τ or < 1/τ, q = σ_ref or 1 when σ_ref < 1e-6) with
   σ_tgt > 1e-6 are multiplied by σ_ref/σ_tgt -- about 0, so their mean is scaled too.
-- ``mask``: ``rescale``, then target-only dead dims are set to 0.
+- ``mask``: ``rescale``, then target-only dead dims (σ < ``dead_abs``, the origin's absolute rule) are
+  set to 0.
 - ``clamp``: ``mask``, then target-only hyperactive dims are clamped to ±clamp_sigma·σ_ref about 0.
 - ``full``: every dim with σ_tgt > 1e-6 is mapped ``(x - μ_tgt)/σ_tgt·σ_ref + μ_ref``.
 
@@ -205,8 +206,8 @@ def plan_fix(table: FixTable, mode: str, strength: float = 1.0, thresholds: Thre
     if mode in ("rescale", "mask", "clamp"):
         sel = flags.outlier & usable
         scale[sel] = sd_r[sel] / sd_t[sel]
-        if mode in ("mask", "clamp"):
-            dead = flags.target_only_dead
+        if mode in ("mask", "clamp"):  # the origin's dead rule: σ < dead_abs only (no relative rule)
+            dead = (sd_t < th.dead_abs) & ~(sd_r < th.dead_abs)
             scale[dead] = 0.0
             shift[dead] = 0.0
         if mode == "clamp":

@@ -63,6 +63,23 @@ def test_classification_of_the_hand_table():
     assert torch.nonzero(flags.target_only_hyper).flatten().tolist() == [6]
 
 
+def test_legacy_mask_uses_the_origin_absolute_dead_rule():
+    """Median σ 20: the scale-free dead rule (σ < 1e-3 × 20) flags σ_tgt = 0.015, the origin's σ < 0.01 does not,
+    so legacy mask/clamp only rescale that dim (×20/0.015), exactly as the original apply_fixes did."""
+    t = FixTable(torch.full((8,), 3.0), torch.full((8,), 20.0), torch.zeros(8),
+                 torch.tensor([20.0] * 7 + [0.015]))
+    assert bool(fixes.classify_dims(t).target_only_dead[7])  # the analysis' (scale-free) rule
+    x = torch.tensor([[[1.0] * 7 + [0.01]]])
+    for mode in ("rescale", "mask", "clamp"):
+        out = fixes.apply_fix(x, t, mode)
+        assert float(out[0, 0, 7]) == pytest.approx(0.01 * 20.0 / 0.015, rel=1e-6), mode
+        assert torch.equal(out[0, 0, :7], x[0, 0, :7])
+    # σ_tgt below the absolute threshold: zeroed by mask
+    t = FixTable(t.reference_mean, t.reference_std, t.target_mean, torch.tensor([20.0] * 7 + [0.005]))
+    assert float(fixes.apply_fix(x, t, "mask")[0, 0, 7]) == 0.0
+    assert float(fixes.apply_fix(x, t, "mask_mean")[0, 0, 7]) == 3.0
+
+
 def test_legacy_guards_tiny_reference_and_target_std():
     # σ_ref < 1e-6 -> ratio denominator 1 (σ_tgt = 2 is then not an outlier); σ_tgt ≤ 1e-6 -> dim skipped.
     t = FixTable(torch.zeros(4), torch.tensor([0.0, 1, 1, 1]), torch.zeros(4), torch.tensor([2.0, 1e-7, 1, 1]))
