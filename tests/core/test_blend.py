@@ -84,6 +84,24 @@ def test_blend_no_nan_for_short_and_mismatched_sequences(tp, ts, align):
     assert out.shape == p.shape and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("outliers", blend.OUTLIER_MODES)
+@pytest.mark.parametrize("align", blend.ALIGN_MODES)
+def test_blend_no_nan_with_zero_sigma_table_dims(outliers, align):
+    """A table whose σ is 0 on either side (a dead reference dim, a constant target dim), with constant data
+    there too and T = 1 on both sides: every output value is finite."""
+    t = FixTable(reference_mean=torch.tensor([0.0, 5, -3, 0, 1, 0]),
+                 reference_std=torch.tensor([1.0, 0.0, 1, 0, 1, 1]),
+                 target_mean=torch.tensor([0.0, 1, 2, 0, 1, 0]),
+                 target_std=torch.tensor([1.0, 10, 0.0, 0, 1, 1]))
+    for tp, ts in ((1, 1), (4, 9)):
+        p = rand(1, tp, D)
+        s = rand(1, ts, D, seed=5)
+        s[..., 2] = 2.0
+        s[..., 3] = 0.0
+        out = blend.blend(p, s, 0.7, align=align, outliers=outliers, table=t, rms_match=True)
+        assert out.shape == p.shape and torch.isfinite(out).all(), (tp, ts)
+
+
 def test_blend_dtype_batch_and_no_in_place():
     p = rand(2, 4, D).to(torch.bfloat16)
     s = rand(1, 6, D, seed=3).to(torch.float16)
