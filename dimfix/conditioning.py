@@ -79,12 +79,14 @@ def validate(cond: Any, socket: str = "conditioning", width: int | None = None) 
                         "fp16 -- prefer a bf16 or fp32 text encoder", at)
 
 
-def map_tensors(cond: Conditioning, fn: Callable[[torch.Tensor, dict], torch.Tensor]) -> Conditioning:
+def map_tensors(cond: Conditioning, fn: Callable[[torch.Tensor, dict], torch.Tensor],
+                set_keys: dict | None = None, drop_keys: tuple[str, ...] = ()) -> Conditioning:
     """A NEW CONDITIONING with ``fn(tensor, meta)`` applied to every entry; ``cond`` is untouched.
 
-    Each entry gets a shallow copy of its dict (``pooled_output`` and every other key kept). The
-    ``attention_mask`` is replaced by an all-ones int64 (B, T_new) mask when the entry had a mask or
-    its width is a Z-Image width (Z-Image's text encoder always emits one); other entries get none.
+    Each entry gets a shallow copy of its dict (``pooled_output`` and every other key kept), without
+    ``drop_keys`` and with ``set_keys`` added. The ``attention_mask`` is replaced by an all-ones int64
+    (B, T_new) mask when the entry had a mask or its width is a Z-Image width (Z-Image's text encoder
+    always emits one); other entries get none.
     """
     out: Conditioning = []
     for t, meta in cond:
@@ -92,8 +94,42 @@ def map_tensors(cond: Conditioning, fn: Callable[[torch.Tensor, dict], torch.Ten
         if not isinstance(new, torch.Tensor) or new.ndim != 3:
             raise ValueError(f"conditioning function must return a (batch, tokens, width) tensor, got "
                              f"{tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__}")
-        new_meta = dict(meta)
+        new_meta = {k: v for k, v in meta.items() if k not in drop_keys}
+        new_meta.update(set_keys or {})
         if "attention_mask" in meta or new.shape[-1] in ZIMAGE_WIDTHS:
             new_meta["attention_mask"] = ones_mask(new.shape[0], new.shape[1]).to(new.device)
         out.append([new, new_meta])
+    return out
+
+
+# ---------------------------------------------------------------------------- provenance
+#: Keys this pack records in a CONDITIONING entry's dict: plain strings and ints, which ComfyUI carries
+#: along and its samplers ignore. ``MODEL_KEY``: the encoder (``<file or folder>@<fingerprint>``, set by
+#: the Qwen3 Embedding Loader's CLIP); ``LAYER_KEY``: its HF ``hidden_states`` index; ``FIX_KEY``: the fix
+#: already applied (set by Embedding Dimension Fix).
+MODEL_KEY = "dimfix_model"
+LAYER_KEY = "dimfix_layer"
+FIX_KEY = "dimfix_fix"
+SOURCE_KEYS = (MODEL_KEY, LAYER_KEY)
+
+
+def provenance_warnings(cond: Conditioning, target_model: str, layer: int | str) -> list[str]:
+    """What the entries' recorded source says against a fix table measured on ``target_model`` at ``layer``.
+
+    Only recorded facts are compared (an entry without the keys, e.g. from the stock CLIP loader, is
+    unknown, not wrong). Returns one message per mismatch and per already fixed entry.
+    """
+    out = []
+    want = {MODEL_KEY: ("encoder", str(target_model)), LAYER_KEY: ("layer", str(layer))}
+    for i, (_, meta) in enumerate(cond):
+        for key, (what, expected) in want.items():
+            got = meta.get(key)
+            if got is not None and expected and str(got) != expected:
+                shown = (repr(str(got)), repr(expected)) if key == MODEL_KEY else (str(got), expected)
+                out.append(f"conditioning entry {i} comes from {what} {shown[0]} but the fix table was measured on "
+                           f"{what} {shown[1]}")
+        done = meta.get(FIX_KEY)
+        if done is not None:
+            out.append(f"conditioning entry {i} was already fixed ({done}); fixing it again compounds the "
+                       "corrections")
     return out

@@ -107,7 +107,7 @@ def encode_hidden(clip, text: str, layers: list[int] | str, socket: str) -> tupl
 def _model_name(clip, socket: str) -> str:
     """A name for the table's metadata: ``dimfix_model_name`` if a loader recorded one on the CLIP or on its
     (clone-shared) ``cond_stage_model``, else the architecture, depth, vocabulary and width."""
-    for owner in (clip, getattr(clip, "cond_stage_model", None)):
+    for owner in (clip, getattr(clip, "cond_stage_model", None), _inner(clip, socket)):
         named = getattr(owner, "dimfix_model_name", None)
         if isinstance(named, str) and named:
             return named

@@ -93,4 +93,5 @@ class EmbeddingBlend(io.ComfyNode):
             return blend.blend(t, sec.to(t.device), alpha, align=align, outliers=outliers, table=table,
                                rms_match=rms_match)
 
-        return io.NodeOutput(cond_utils.map_tensors(primary, mix))
+        # a mix is neither encoder's output: the primary's recorded source no longer describes it
+        return io.NodeOutput(cond_utils.map_tensors(primary, mix, drop_keys=cond_utils.SOURCE_KEYS))

@@ -18,8 +18,6 @@ log = logging.getLogger(__name__)
 NO_FILE = "none"
 SCOPES = ("content", "no_sink", "all")
 DEFAULT_MODE = "affine"
-#: Optional keys a CONDITIONING entry may carry to describe its source (checked against the table).
-SOURCE_KEYS = {"dimfix_layer": "layer", "dimfix_model": "target_model"}
 
 
 def resolve_table(fix_table: FixTable | None, table_file: str, node: str) -> FixTable:
@@ -64,11 +62,8 @@ def warn_provenance(table: FixTable, cond: list, scope: str, node: str) -> None:
     if meta.token_scope and meta.token_scope != scope:
         log.warning("%s: the fix table's statistics cover %r tokens but the fix is applied to %r tokens", node,
                     meta.token_scope, scope)
-    for i, (_, m) in enumerate(cond):
-        for key, field in SOURCE_KEYS.items():
-            if key in m and str(m[key]) != str(getattr(meta, field)):
-                log.warning("%s: conditioning entry %d comes from %s %r but the fix table was measured on %r", node, i,
-                            field, m[key], getattr(meta, field))
+    for message in cond_utils.provenance_warnings(cond, meta.target_model, meta.layer):
+        log.warning("%s: %s", node, message)
 
 
 def thresholds_for(table: FixTable, outlier_ratio: float, hyper_mult: float, clamp_sigma: float) -> Thresholds:
@@ -150,4 +145,6 @@ class EmbeddingDimensionFix(io.ComfyNode):
         def fix(t, _meta):
             return fixes.apply_plan(t, plan, fixes.token_mask_for(t.shape[-2], token_scope))
 
-        return io.NodeOutput(cond_utils.map_tensors(conditioning, fix))
+        done = f"{mode} at strength {float(strength):g}, table {table.meta.target_model or 'target'} vs " \
+               f"{table.meta.reference_model or 'reference'}"
+        return io.NodeOutput(cond_utils.map_tensors(conditioning, fix, set_keys={cond_utils.FIX_KEY: done}))

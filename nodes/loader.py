@@ -13,8 +13,10 @@ import folder_paths
 from comfy.text_encoders import z_image
 from comfy_api.latest import io
 
-from ..dimfix.checkpoint import CheckpointError, Qwen3Checkpoint, fingerprint_path, list_model_entries, read_qwen3_checkpoint, resolve_entry
-from ..dimfix.tokens import ENDOFTEXT
+from ..dimfix.checkpoint import (CheckpointError, Qwen3Checkpoint, fingerprint_path, list_model_entries,
+                                 read_qwen3_checkpoint, resolve_entry)
+from ..dimfix.conditioning import LAYER_KEY, MODEL_KEY
+from ..dimfix.layers import comfy_to_hf_layer
 from .common import CATEGORY
 
 log = logging.getLogger(__name__)
@@ -32,13 +34,29 @@ class Qwen3AllTokensModel(z_image.Qwen3_4BModel):
     The stock wrapper treats the first ``<|endoftext|>`` (151643, its pad id) as the end of the sequence and
     gives it and every later token mask 0. Z-Image must never receive mask zeros, and an appended
     ``<|endoftext|>`` (Qwen3-Embedding's own tokenizer adds one) must be attended like any other token.
-    Installed through the public ``model_options["qwen3_4b_class"]`` hook; nothing else changes.
+    Installed through the public ``model_options["qwen3_4b_class"]`` hook. Its outputs also record their
+    source in the CONDITIONING (``dimfix_model`` = ``dimfix_model_name``, ``dimfix_layer`` = the HF index of
+    the selected layer), which Embedding Dimension Fix checks against a fix table's metadata.
     """
+
+    dimfix_model_name: str = ""
 
     def process_tokens(self, tokens, device):
         embeds, mask, num_tokens, info = super().process_tokens(tokens, device)
         ones = torch.ones_like(mask)
         return embeds, ones, [int(ones.shape[1])] * int(ones.shape[0]), info
+
+    def forward(self, tokens):
+        out = super().forward(tokens)
+        if len(out) > 2 and self.layer == "hidden":  # one layer (not the analyzer's "all" / list requests)
+            extra = dict(out[2])
+            if self.dimfix_model_name:
+                extra[MODEL_KEY] = self.dimfix_model_name
+            hf = comfy_to_hf_layer(int(self.layer_idx), int(self.num_layers))
+            if hf is not None:
+                extra[LAYER_KEY] = hf - int(self.num_layers) - 1
+            out = (*out[:2], extra)
+        return out
 
 
 def text_encoder_dirs() -> list[str]:
@@ -120,6 +138,8 @@ class Qwen3EmbeddingLoader(io.ComfyNode):
             log.warning("%s: %s has width %d; Z-Image needs %d. Loaded for analysis only: its conditioning will not "
                         "fit Z-Image.", NODE, model_name, info.hidden, ZIMAGE_WIDTH)
         clip = build_clip(ckpt, DTYPES[dtype], bool(append_eos))
+        # shared by every clone of this CLIP: names the encoder in conditionings and fix tables
+        clip.cond_stage_model.qwen3_4b.dimfix_model_name = f"{model_name}@{ckpt.fingerprint}"
         log.info("%s: %s (%d layers, width %d, vocab %d, %s, fingerprint %s)%s", NODE, model_name, info.layers,
                  info.hidden, info.vocab, str(DTYPES[dtype] or info.dtype).replace("torch.", ""), ckpt.fingerprint,
                  f", config overrides {ckpt.comfy_overrides()}" if ckpt.comfy_overrides() else "")

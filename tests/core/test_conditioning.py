@@ -99,3 +99,31 @@ def test_validate_warns_on_fp16(caplog):
     c[0][0][0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="use bf16 or fp32"):
         C.validate(c)
+
+
+def test_map_tensors_sets_and_drops_keys_on_new_dicts():
+    src = cond(5)
+    src[0][1].update({C.MODEL_KEY: "emb@1", C.LAYER_KEY: -2})
+    out = C.map_tensors(src, lambda t, meta: t.clone(), set_keys={C.FIX_KEY: "affine"}, drop_keys=C.SOURCE_KEYS)
+    assert out[0][1][C.FIX_KEY] == "affine" and "pooled_output" in out[0][1]
+    assert C.MODEL_KEY not in out[0][1] and C.LAYER_KEY not in out[0][1]
+    assert src[0][1][C.MODEL_KEY] == "emb@1" and C.FIX_KEY not in src[0][1]
+    # the mask is always the new all-ones mask, whatever set_keys says
+    out = C.map_tensors(src, lambda t, meta: t[:, :2], set_keys={"attention_mask": torch.zeros(1, 5)})
+    assert torch.equal(out[0][1]["attention_mask"], C.ones_mask(1, 2))
+
+
+def test_provenance_warnings_compare_only_recorded_facts():
+    unknown = cond(4)
+    assert C.provenance_warnings(unknown, "emb@1", -2) == []
+    same = [[unknown[0][0], {**unknown[0][1], C.MODEL_KEY: "emb@1", C.LAYER_KEY: -2}]]
+    assert C.provenance_warnings(same, "emb@1", -2) == []
+    other = [same[0], [same[0][0], {C.MODEL_KEY: "vl@2", C.LAYER_KEY: -6, C.FIX_KEY: "full at strength 1"}]]
+    msgs = C.provenance_warnings(other, "emb@1", -2)
+    assert msgs == ["conditioning entry 1 comes from encoder 'vl@2' but the fix table was measured on encoder "
+                    "'emb@1'",
+                    "conditioning entry 1 comes from layer -6 but the fix table was measured on layer -2",
+                    "conditioning entry 1 was already fixed (full at strength 1); fixing it again compounds the "
+                    "corrections"]
+    # a table without a recorded target model checks the layer only
+    assert len(C.provenance_warnings(other, "", -2)) == 2

@@ -45,15 +45,9 @@ def run_node(node, **inputs):
         return node.execute(**inputs)
 
 
-def is_placeholder(node) -> bool:
-    return not node.define_schema().inputs
-
-
 def load_substitute(comfy, pack, tiny):
     """The substitute encoder (HF folder, flat keys, vocab 151665) through the pack's Qwen3 Embedding Loader."""
     loader = pack.nodes[LOADER_ID]
-    if is_placeholder(loader):
-        pytest.skip("Qwen3 Embedding Loader is still a placeholder")
     return run_node(loader, model_name=tiny.names["substitute"], dtype="default", append_eos=False).args[0]
 
 
@@ -194,8 +188,6 @@ def test_recorder_sees_a_mask_with_zeros(comfy, stack):
 @pytest.fixture(scope="module")
 def fix_table(pack, stack):
     analyzer = pack.nodes[ANALYZER_ID]
-    if is_placeholder(analyzer):
-        pytest.skip("Dimension Analyzer is still a placeholder")
     _, clip, sub, _ = stack
     out = run_node(analyzer, reference=clip, target=sub, prompts="\n".join(CAL_PROMPTS), layer=-2)
     table = out.args[0]
@@ -212,8 +204,6 @@ def assert_all_ones_masks(cond):
 @pytest.mark.parametrize("mode", ["none", "rescale", "mask", "clamp", "full", "affine", "mask_mean", "clamp_pct"])
 def test_fix_node_conditioning_samples(comfy, pack, stack, fix_table, mode):
     fix = pack.nodes[FIX_ID]
-    if is_placeholder(fix):
-        pytest.skip("Embedding Dimension Fix is still a placeholder")
     assert mode in pack.core.fixes.MODES
     model, _, sub, _ = stack
     raw = encode(comfy, sub)
@@ -225,6 +215,9 @@ def test_fix_node_conditioning_samples(comfy, pack, stack, fix_table, mode):
         assert torch.equal(cond[0][0], raw[0][0])
     elif mode in ("full", "affine"):  # every dim is remapped to the reference moments
         assert not torch.allclose(cond[0][0], raw[0][0])
+    # the output changes exactly where the plan touches dims
+    touched = pack.core.fixes.plan_fix(fix_table, mode).dims.numel() > 0
+    assert (not torch.equal(cond[0][0], raw[0][0])) == touched
     rec = Recorder()
     z = sample(comfy, model, cond, recorder=rec)
     assert torch.isfinite(z).all()
@@ -233,8 +226,6 @@ def test_fix_node_conditioning_samples(comfy, pack, stack, fix_table, mode):
 
 def test_blend_node_conditioning_samples(comfy, pack, stack, fix_table):
     blend = pack.nodes[BLEND_ID]
-    if is_placeholder(blend):
-        pytest.skip("Embedding Blend is still a placeholder")
     model, clip, sub, _ = stack
     primary, secondary = encode(comfy, clip), encode(comfy, sub, PROMPT + ", detailed")
     for outliers in ("none", "mean"):
@@ -249,8 +240,6 @@ def test_blend_node_conditioning_samples(comfy, pack, stack, fix_table):
 
 def test_hidden_layer_select_conditioning_samples(comfy, pack, stack):
     layers = pack.nodes[LAYERS_ID]
-    if is_placeholder(layers):
-        pytest.skip("Hidden Layer Select is still a placeholder")
     model, clip, sub, _ = stack
     for source in (clip, sub):
         default = encode(comfy, source)
@@ -277,3 +266,52 @@ def test_pack_nodes_refuse_a_mask_with_zeros(comfy, pack, stack, fix_table):
         blend.execute(primary=bad, secondary=pos, alpha=0.8, align="pool", outliers="none", rms_match=True)
     with pytest.raises(ValueError, match="attention_mask"):
         blend.execute(primary=pos, secondary=bad, alpha=0.8, align="pool", outliers="none", rms_match=True)
+
+
+def test_source_recorded_from_loader_to_fix(comfy, pack, stack, fix_table, tiny, caplog):
+    """The pack loader's conditionings name their encoder and layer; the Fix node checks them against the table,
+    marks its output as fixed and warns on a second fix; a blend drops the source; the stock CLIP records none."""
+    import logging
+
+    _, clip, sub, _ = stack
+    fix, blend, layers = pack.nodes[FIX_ID], pack.nodes[BLEND_ID], pack.nodes[LAYERS_ID]
+    keys = pack.core.conditioning
+    raw = encode(comfy, sub)
+    meta = raw[0][1]
+    assert meta[keys.MODEL_KEY] == fix_table.meta.target_model
+    assert meta[keys.MODEL_KEY].startswith(tiny.names["substitute"] + "@") and meta[keys.LAYER_KEY] == -2
+    stock = encode(comfy, clip)
+    assert keys.MODEL_KEY not in stock[0][1] and keys.LAYER_KEY not in stock[0][1]
+    args = dict(mode="affine", strength=1.0, token_scope="content", fix_table=fix_table)
+    with caplog.at_level(logging.WARNING):
+        once = run_node(fix, conditioning=raw, **args).args[0]
+    assert "comes from" not in caplog.text and "already fixed" not in caplog.text
+    assert once[0][1][keys.FIX_KEY].startswith("affine at strength 1, table " + fix_table.meta.target_model)
+    assert keys.FIX_KEY not in raw[0][1]  # the input dict is untouched
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_node(fix, conditioning=once, **args)
+    assert "was already fixed (affine at strength 1" in caplog.text
+    # layer -6 of the same encoder against the layer -2 table
+    deep = encode(comfy, run_node(layers, clip=sub, layer=-6).args[0])
+    assert deep[0][1][keys.LAYER_KEY] == -6 and deep[0][1][keys.MODEL_KEY] == meta[keys.MODEL_KEY]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_node(fix, conditioning=deep, **args)
+    assert "comes from layer -6 but the fix table was measured on layer -2" in caplog.text
+    # another encoder's conditioning against the substitute's table
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_node(fix, conditioning=[[raw[0][0], {**meta, keys.MODEL_KEY: "other@0000"}]], **args)
+    assert "comes from encoder 'other@0000'" in caplog.text
+    mixed = run_node(blend, primary=raw, secondary=stock, alpha=0.8, align="pool", outliers="none",
+                     rms_match=True).args[0]
+    assert keys.MODEL_KEY not in mixed[0][1] and keys.LAYER_KEY not in mixed[0][1]
+    # the conditioning-pair analysis names the target from the recorded source
+    analyzer = pack.nodes[ANALYZER_ID]
+    table = run_node(analyzer, reference_conditioning=stock, target_conditioning=raw).args[0]
+    assert table.meta.target_model == meta[keys.MODEL_KEY]
+    # a conditioning with the recorded keys samples like any other
+    rec = Recorder()
+    z = sample(comfy, stack[0], once, recorder=rec)
+    assert torch.isfinite(z).all() and all(c["mask"] is None for c in rec.calls)
