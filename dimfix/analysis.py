@@ -32,6 +32,12 @@ Layers
     layers keep moments only, accumulated for all of them at once (fast sweeps, bounded memory).
     Moments are identical either way up to float64 rounding.
 
+DiT-aware view (with :meth:`CorpusAnalysis.set_dit`, per layer)
+    ``sensitivity`` s_d = |g_d|·‖W[:, d]‖₂ of the caption embedder (RMSNorm gain g, Linear weight W);
+    ``influence`` = s_d·σ_ref,d; ``dit_ranking`` = the dims by ``influence × |ln ratio|`` (a σ mismatch is
+    relative, so what reaches the caption features is about s_d·σ_ref,d·|ln ratio|); ``caption_cosine``
+    (primary layers) = mean per-token cosine of reference and target after RMSNorm + Linear.
+
 Verdict numbers (per layer, on the chosen scope)
     cosine = mean per-token cosine of the aligned scope tokens over all prompts; std correlation =
     Pearson of per-dim σ; mean correlation = Pearson of per-dim means; outlier dims = two-sided
@@ -161,6 +167,7 @@ class LayerResult:
     verdict: Verdict
     caption_cosine: float | None = None
     sensitivity: torch.Tensor | None = None
+    influence: torch.Tensor | None = None
     dit_ranking: list[dict[str, float | int]] | None = None
 
     @property
@@ -353,15 +360,17 @@ class AnalysisResult:
         if res.dit_ranking is not None:
             out += ["## DiT-aware view (caption embedder)", "",
                     "The DiT's first op is `Linear(RMSNorm(x))`: a per-token scale is invisible to it, per-dim "
-                    "changes are not. Sensitivity s_d = |g_d|·‖W[:, d]‖₂ × σ_ref,d (RMSNorm gain g, Linear "
-                    "weight W); dims ranked by s_d × |ln ratio|.", ""]
+                    "changes are not. Sensitivity s_d = |g_d|·‖W[:, d]‖₂ (RMSNorm gain g, Linear weight W) is "
+                    "what a unit of dim d moves the caption features; dims are ranked by score = s_d · σ_ref,d · "
+                    "|ln ratio|, the sensitivity weighted by how much of dim d the reference actually carries "
+                    "(a σ mismatch is relative: it moves the features by about s_d·σ_ref,d·|ln ratio|).", ""]
             if res.caption_cosine is not None:
                 out += [f"Mean per-token cosine in caption-embedder space (aligned scope tokens): "
                         f"{_fmt(res.caption_cosine)} (raw hidden-state cosine {_fmt(res.cosine)}).", ""]
-            out += ["| Dim | Score | s_d | Ratio |", "|---|---|---|---|"]
+            out += ["| Dim | Score | s_d | σ_ref | Ratio |", "|---|---|---|---|---|"]
             for row in res.dit_ranking:
                 out.append(f"| {row['dim']} | {_fmt(row['score'])} | {_fmt(row['sensitivity'])} | "
-                           f"{_fmt(row['ratio'])} |")
+                           f"{_fmt(row['sigma_ref'])} | {_fmt(row['ratio'])} |")
             out.append("")
 
         if self.is_sweep:
@@ -737,9 +746,14 @@ class CorpusAnalysis:
                 flag_prompts=0 if flags is None else int(flags.shape[0]), cosine=cos, cosine_tokens=n_cos,
                 verdict=verdict(cos, comp.std_pearson, comp.mean_pearson, len(comp.outliers)))
             if self._dit is not None:
-                sens = self._dit.sensitivity(sigma_ref=comp.sigma_ref)
-                res.sensitivity = sens
-                res.dit_ranking = dit_mod.rank_dims(sens, comp.log_ratio, top=_TOP_ROWS)
+                res.sensitivity = self._dit.sensitivity()
+                res.influence = self._dit.sensitivity(sigma_ref=comp.sigma_ref)
+                rows = dit_mod.rank_dims(res.influence, comp.log_ratio, top=_TOP_ROWS)
+                for row in rows:  # rank_dims names its weights 'sensitivity': here they are s_d·σ_ref,d
+                    row["influence"] = row.pop("sensitivity")
+                    row["sensitivity"] = float(res.sensitivity[row["dim"]])
+                    row["sigma_ref"] = float(comp.sigma_ref[row["dim"]])
+                res.dit_ranking = rows
                 if k in self.primary:
                     i = self.primary.index(k)
                     n_cap = int(self._cap_n[i])

@@ -343,14 +343,20 @@ def test_dit_aware_ranking_and_caption_space_cosine():
         an.add_prompt(ref[0], tgt[0], lab, lab)
     res = an.finish()
     lr = res.result()
+    assert torch.equal(lr.sensitivity, dit.cap_sensitivity(gain, weight))
     sens = dit.cap_sensitivity(gain, weight, sigma_ref=lr.comparison.sigma_ref)
-    assert torch.equal(lr.sensitivity, sens)
+    assert torch.equal(lr.influence, sens)
     expected_rank = dit.rank_dims(sens, lr.comparison.log_ratio, top=20)
-    assert lr.dit_ranking == expected_rank
-    # by hand: s_d = |g_d| ||W[:, d]|| σ_ref,d; the top dim maximises s_d |ln r_d|
-    s_hand = gain.double().abs() * weight.double().norm(dim=0) * lr.comparison.sigma_ref.double()
-    score = s_hand * lr.comparison.log_ratio.double().abs()
+    assert [(r["dim"], r["score"]) for r in lr.dit_ranking] == [(r["dim"], r["score"]) for r in expected_rank]
+    # by hand: s_d = |g_d| ||W[:, d]||; the top dim maximises s_d σ_ref,d |ln r_d|
+    s_hand = gain.double().abs() * weight.double().norm(dim=0)
+    torch.testing.assert_close(lr.sensitivity.double(), s_hand, rtol=1e-6, atol=0)
+    score = s_hand * lr.comparison.sigma_ref.double() * lr.comparison.log_ratio.double().abs()
     assert lr.dit_ranking[0]["dim"] == int(torch.argmax(score))
+    top = lr.dit_ranking[0]
+    assert top["sensitivity"] == pytest.approx(float(s_hand[top["dim"]]), rel=1e-6)
+    assert top["sigma_ref"] == float(lr.comparison.sigma_ref[top["dim"]])
+    assert top["influence"] == pytest.approx(top["sensitivity"] * top["sigma_ref"], rel=1e-6)
     cos = []
     for ref, tgt, lab in corpus:
         _, c = dit.caption_space_cosine(ref[0], tgt[0], gain, weight, bias, 1e-5, mask=scope_mask(lab, "content"))

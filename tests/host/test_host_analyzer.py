@@ -294,8 +294,10 @@ def test_dit_aware_numbers_equal_direct_computation(node, pack, clips, capture, 
     core = pack.core
     gain, weight, bias, eps = tz.zimage_cap_embedder(tiny_dit)
     assert capture[-1].dit_eps == eps
-    s = gain.double().abs() * weight.double().norm(dim=0) * res.comparison.sigma_ref.double()
-    torch.testing.assert_close(res.sensitivity, s.float())
+    s_d = gain.double().abs() * weight.double().norm(dim=0)
+    torch.testing.assert_close(res.sensitivity, s_d.float())
+    s = s_d * res.comparison.sigma_ref.double()
+    torch.testing.assert_close(res.influence, s.float())
     score = s * res.comparison.log_ratio.double().abs()
     assert [r["dim"] for r in res.dit_ranking[:5]] == torch.argsort(score, descending=True, stable=True)[:5].tolist()
     norm = torch.nn.RMSNorm(HIDDEN, eps=eps, dtype=torch.float64)
