@@ -106,9 +106,10 @@ class Qwen3EmbeddingLoader(io.ComfyNode):
                 io.Combo.Input("model_name", options=list_model_entries(text_encoder_dirs()),
                                tooltip="A .safetensors file or a Hugging Face model folder in models/text_encoders."),
                 io.Combo.Input("dtype", options=list(DTYPES), default="default",
-                               tooltip="Weight dtype: 'default' keeps the stored dtype, 'bf16' halves the memory of an "
-                                       "fp32 file, 'fp32' for exact analysis. No fp16: Qwen3's massive activations "
-                                       "(~1.35e4) overflow fp16's range (65504) in RMSNorm's squared sums."),
+                               tooltip="Weight dtype: 'default' keeps the stored dtype (an fp16 file loads as "
+                                       "bf16), 'bf16' halves the memory of an fp32 file, 'fp32' for exact analysis. "
+                                       "No fp16: Qwen3's massive activations (~1.35e4) overflow fp16's range "
+                                       "(65504) in RMSNorm's squared sums."),
                 io.Boolean.Input("append_eos", default=False,
                                  tooltip="Append <|endoftext|> after the chat template, as Qwen3-Embedding's own "
                                          "tokenizer does (one extra token, attended). Off for Z-Image's reference "
@@ -137,10 +138,15 @@ class Qwen3EmbeddingLoader(io.ComfyNode):
         if info.hidden != ZIMAGE_WIDTH:
             log.warning("%s: %s has width %d; Z-Image needs %d. Loaded for analysis only: its conditioning will not "
                         "fit Z-Image.", NODE, model_name, info.hidden, ZIMAGE_WIDTH)
-        clip = build_clip(ckpt, DTYPES[dtype], bool(append_eos))
+        want = DTYPES[dtype]
+        if want is None and info.dtype == torch.float16:
+            want = torch.bfloat16
+            log.warning("%s: %s is stored in fp16; loading it as bf16 (Qwen3's massive activations overflow fp16). "
+                        "Choose fp32 for exact analysis.", NODE, model_name)
+        clip = build_clip(ckpt, want, bool(append_eos))
         # shared by every clone of this CLIP: names the encoder in conditionings and fix tables
         clip.cond_stage_model.qwen3_4b.dimfix_model_name = f"{model_name}@{ckpt.fingerprint}"
         log.info("%s: %s (%d layers, width %d, vocab %d, %s, fingerprint %s)%s", NODE, model_name, info.layers,
-                 info.hidden, info.vocab, str(DTYPES[dtype] or info.dtype).replace("torch.", ""), ckpt.fingerprint,
+                 info.hidden, info.vocab, str(want or info.dtype).replace("torch.", ""), ckpt.fingerprint,
                  f", config overrides {ckpt.comfy_overrides()}" if ckpt.comfy_overrides() else "")
         return io.NodeOutput(clip)

@@ -19,7 +19,7 @@ from zdf_testkit import tiny_qwen3 as tq
 
 LOADER_ID = "DimFixQwen3EmbeddingLoader"
 LAYER_ID = "DimFixHiddenLayerSelect"
-PROMPTS = ["", "a photo of a cat", "(red:1.5) fox, <|im_start|> literal", " ".join(["word"] * 150) + " end."]
+PROMPTS = ["", "a photo of a cat", "(red:1.5) fox, <|im_start|> literal", " ".join(["word"] * 290) + " end."]
 EMB_DIR = "zdf_loader_emb"               # HF folder, flat keys, vocab 151665, 2 shards
 EMB_FILE = "zdf_loader_emb.safetensors"  # the same weights, ComfyUI layout, one file
 
@@ -80,7 +80,32 @@ def test_parity_with_transformers(comfy, pack, emb):
         assert (t - expected).abs().max().item() <= 1e-4, text[:20]
         mask = extra["attention_mask"]
         assert mask.dtype == torch.int64 and mask.shape == (1, len(ids)) and bool((mask == 1).all())
-    assert len(ids_of(clip, PROMPTS[-1])) > 150 and len(ids_of(clip, "")) == 8
+    assert len(ids_of(clip, PROMPTS[-1])) >= 300 and len(ids_of(clip, "")) == 8
+
+
+@pytest.mark.slow
+def test_zimage_width_takes_comfyui_detection_path_with_parity(comfy, pack, tmp_path):
+    """At Z-Image's width (2560) ComfyUI's own detection builds the CLIP (no test patch): the pack's loader must
+    give the same conditioning as transformers there too. 3 thin layers, Qwen3-Embedding vocabulary, one file."""
+    cfg = tq.tiny_config(hidden=2560, layers=3, heads=2, kv_heads=1, intermediate=64, vocab=151665)
+    sd = tq.make_state_dict(cfg, seed=21)
+    name = "zdf_loader_wide.safetensors"
+    tq.save_single_file(sd, comfy.models / "text_encoders" / name, flat=True)
+    comfy.folder_paths.filename_list_cache.clear()
+    assert comfy.sd.detect_te_model(sd) == comfy.sd.TEModel.QWEN3_4B  # ComfyUI's own detection applies
+    clip = load(pack, name)
+    inner = clip.cond_stage_model.qwen3_4b
+    assert inner.num_layers == 3 and inner.transformer.get_input_embeddings().weight.shape == (151665, 2560)
+    ref = tq.hf_model(sd, cfg)
+    for text in ("a photo of a cat", ""):
+        ids = ids_of(clip, text)
+        t = encode(comfy, clip, text)[0][0]
+        expected = tq.run_hidden_states(ref, ids)[-2]
+        assert t.shape == (1, len(ids), 2560)
+        assert ((t - expected).abs().max() / expected.abs().max()).item() <= 1e-5, text
+    del clip, ref
+    (comfy.models / "text_encoders" / name).unlink()
+    comfy.folder_paths.filename_list_cache.clear()
 
 
 def test_comfy_layout_file_identical(comfy, pack, emb):
@@ -105,6 +130,23 @@ def test_dtype_options(comfy, pack, emb):
         assert rel <= tol, (dtype, rel)
     assert "fp16" not in pack.nodes[LOADER_ID].define_schema().inputs[1].options
     assert "fp16" in pack.nodes[LOADER_ID].define_schema().inputs[1].tooltip
+
+
+def test_fp16_file_loads_as_bf16(comfy, pack, emb, caplog):
+    """'default' never keeps fp16 (Qwen3's massive activations overflow it): an fp16 file loads as bf16."""
+    import logging
+
+    cfg, sd, ref = emb
+    name = "zdf_loader_fp16.safetensors"
+    tq.save_single_file({k: v.half() for k, v in sd.items()}, comfy.models / "text_encoders" / name)
+    comfy.folder_paths.filename_list_cache.clear()
+    with caplog.at_level(logging.WARNING):
+        clip = load(pack, name, dtype="default")
+    w = clip.cond_stage_model.qwen3_4b.transformer.model.layers[0].self_attn.q_proj.weight
+    assert w.dtype == torch.bfloat16
+    assert "stored in fp16" in caplog.text and "bf16" in caplog.text
+    assert load(pack, name, dtype="fp32").cond_stage_model.qwen3_4b.transformer.model.layers[0].self_attn.q_proj \
+        .weight.dtype == torch.float32
 
 
 def test_bf16_file_stays_bf16(comfy, pack):
@@ -247,9 +289,10 @@ def test_server_imports_pack(tmp_path):
         assert info is not None, f"server did not answer (rc={proc.poll()}):\n{text[-3000:]}"
         bad = [ln for ln in text.splitlines() if ("IMPORT FAILED" in ln or "Cannot import" in ln) and "zimage_dimfix" in ln]
         assert not bad, "\n".join(bad) + "\n" + text[-3000:]
-        for node_id in (LOADER_ID, LAYER_ID):
+        for node_id, display in ((LOADER_ID, "Qwen3 Embedding Loader"), (LAYER_ID, "Hidden Layer Select")):
             assert node_id in info, node_id
             spec = info[node_id]
+            assert spec["display_name"] == display, node_id
             assert spec["category"] == "Z-Image DimFix" and spec["description"]
             for name, entry in spec["input"]["required"].items():
                 assert entry[1].get("tooltip"), (node_id, name)
