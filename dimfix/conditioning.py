@@ -29,9 +29,9 @@ def ones_mask(batch: int, length: int) -> torch.Tensor:
     return torch.ones((int(batch), int(length)), dtype=torch.int64)
 
 
-def validate(cond: Any, socket: str = "conditioning", width: int | None = None) -> None:
-    """Raise a ValueError naming ``socket`` unless ``cond`` is a usable Z-Image CONDITIONING."""
-    where = f"input '{socket}'"
+def validate(cond: Any, socket: str = "conditioning", width: int | None = None, node: str = "") -> None:
+    """Raise a ValueError naming ``node`` and ``socket`` unless ``cond`` is a usable Z-Image CONDITIONING."""
+    where = f"{node}: input '{socket}'" if node else f"input '{socket}'"
     if not isinstance(cond, (list, tuple)):
         raise ValueError(f"{where} expects a CONDITIONING (a list of [tensor, dict] entries), "
                          f"got {type(cond).__name__}")
@@ -77,6 +77,53 @@ def validate(cond: Any, socket: str = "conditioning", width: int | None = None) 
         if t.dtype == torch.float16:
             log.warning("%s: fp16 conditioning; computing in float32, but Qwen3's massive activations overflow "
                         "fp16 -- prefer a bf16 or fp32 text encoder", at)
+
+
+def sequences(cond: Any, socket: str = "conditioning", node: str = "") -> list[torch.Tensor]:
+    """The ``[T, D]`` token sequences of a CONDITIONING produced anywhere: every entry, every batch item.
+
+    For analysing conditionings from other encoders (e.g. a VL model), which may pad: tokens whose
+    ``attention_mask`` is 0 are left out (trimmed, never kept as padding). Errors name ``node`` and
+    ``socket``: not a CONDITIONING, 4-D (several layers) or non-3-D tensors, non-float tensors, NaN/Inf
+    (with their count), a mask of another length, a sequence with no unmasked token. fp16 is accepted
+    (callers compute in float64; see the module docs).
+    """
+    where = f"{node}: input '{socket}'" if node else f"input '{socket}'"
+    if not isinstance(cond, (list, tuple)) or not cond:
+        raise ValueError(f"{where} must be a non-empty CONDITIONING (a list of [tensor, dict] entries)")
+    out = []
+    for i, entry in enumerate(cond):
+        at = f"{where}, entry {i}"
+        if not isinstance(entry, (list, tuple)) or len(entry) < 1 or not isinstance(entry[0], torch.Tensor):
+            raise ValueError(f"{at} is not a [tensor, dict] pair")
+        t = entry[0]
+        meta = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+        if t.ndim == 4:
+            raise ValueError(f"{at} has shape {tuple(t.shape)} (4-D: several layers); select one layer first "
+                             "(e.g. with Hidden Layer Select) -- expected [batch, tokens, width]")
+        if t.ndim != 3:
+            raise ValueError(f"{at} has shape {tuple(t.shape)}; expected [batch, tokens, width]")
+        if not t.is_floating_point():
+            raise ValueError(f"{at}: tensor dtype {t.dtype} is not floating point")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"{at} contains {bad} NaN/Inf value(s); refusing to analyse it")
+        mask = meta.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2
+                                 or mask.shape[-1] != t.shape[1] or mask.shape[0] not in (1, t.shape[0])):
+            raise ValueError(f"{at}: attention_mask of shape "
+                             f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__} "
+                             f"does not match the tensor's {tuple(t.shape[:2])}")
+        for b in range(t.shape[0]):
+            x = t[b]
+            if mask is not None:
+                keep = mask[min(b, mask.shape[0] - 1)].to(device=x.device, dtype=torch.bool)
+                if not bool(keep.all()):
+                    x = x[keep]
+            if x.shape[0] == 0:
+                raise ValueError(f"{at}, batch item {b} has no unmasked token")
+            out.append(x)
+    return out
 
 
 def map_tensors(cond: Conditioning, fn: Callable[[torch.Tensor, dict], torch.Tensor],

@@ -18,6 +18,7 @@ import re
 import torch
 from comfy_api.latest import io, ui
 
+from ..dimfix import conditioning as cond_utils
 from ..dimfix.analysis import CorpusAnalysis
 from ..dimfix.config import Thresholds
 from ..dimfix.corpus import default_corpus_path, load_default_corpus, parse_corpus
@@ -152,34 +153,6 @@ def cap_embedder_weights(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return gain, weight, bias, getattr(norm, "eps", None)
 
 
-# ---------------------------------------------------------------------------- conditioning mode
-def _cond_items(cond, socket: str) -> list[torch.Tensor]:
-    """The ``[T, D]`` sequences of a CONDITIONING (every entry, every batch item), attention-masked tokens dropped."""
-    if not isinstance(cond, (list, tuple)) or not cond:
-        raise ValueError(f"{NODE}: '{socket}' must be a non-empty CONDITIONING (list of [tensor, dict])")
-    out = []
-    for i, entry in enumerate(cond):
-        if not isinstance(entry, (list, tuple)) or len(entry) < 1 or not isinstance(entry[0], torch.Tensor):
-            raise ValueError(f"{NODE}: '{socket}' entry {i} is not a [tensor, dict] pair")
-        t = entry[0]
-        if t.dim() == 4:
-            raise ValueError(f"{NODE}: '{socket}' entry {i} has shape {tuple(t.shape)} (4-D: several layers); "
-                             "select one layer first (e.g. with Hidden Layer Select) -- expected "
-                             "[batch, tokens, width]")
-        if t.dim() != 3:
-            raise ValueError(f"{NODE}: '{socket}' entry {i} has shape {tuple(t.shape)}; "
-                             "expected [batch, tokens, width]")
-        mask = entry[1].get("attention_mask") if len(entry) > 1 and isinstance(entry[1], dict) else None
-        for b in range(t.shape[0]):
-            x = t[b]
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] == t.shape[1]:
-                keep = mask[min(b, mask.shape[0] - 1)].to(torch.bool).cpu()
-                if not bool(keep.all()):
-                    x = x[keep.to(x.device)]
-            out.append(x)
-    return out
-
-
 # ---------------------------------------------------------------------------- node
 class DimensionAnalyzer(io.ComfyNode):
     """Measure how a target text encoder's hidden-state dimensions differ from the reference's."""
@@ -295,8 +268,8 @@ class DimensionAnalyzer(io.ComfyNode):
                                  "hold one layer only")
             if reference is not None or target is not None:
                 log.info("%s: conditioning pair connected; the encoder inputs are not used", NODE)
-            ref_items = _cond_items(reference_conditioning, "reference_conditioning")
-            tgt_items = _cond_items(target_conditioning, "target_conditioning")
+            ref_items = cond_utils.sequences(reference_conditioning, "reference_conditioning", NODE)
+            tgt_items = cond_utils.sequences(target_conditioning, "target_conditioning", NODE)
             if len(ref_items) != len(tgt_items):
                 raise ValueError(f"{NODE}: 'reference_conditioning' holds {len(ref_items)} sequences but "
                                  f"'target_conditioning' {len(tgt_items)}; they are paired one to one")
@@ -314,10 +287,6 @@ class DimensionAnalyzer(io.ComfyNode):
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 r_lab = classify_positions(r.shape[0], appended_eos=False)
                 t_lab = classify_positions(t.shape[0], appended_eos=t.shape[0] == r.shape[0] + 1)
-                for name, x in (("reference_conditioning", r), ("target_conditioning", t)):
-                    bad = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
-                    if bad:
-                        raise ValueError(f"{NODE}: '{name}' sequence {i} contains {bad} NaN/Inf value(s)")
                 an.add_prompt(r.unsqueeze(0), t.unsqueeze(0), r_lab, t_lab, prompt=f"conditioning {i}")
                 pbar.update(1)
             names = (_cond_name(reference_conditioning, "reference conditioning"),

@@ -72,8 +72,8 @@ class EmbeddingBlend(io.ComfyNode):
     def execute(cls, primary, secondary, alpha: float, align: str, outliers: str, rms_match: bool,
                 table_file: str = NO_FILE, fix_table: FixTable | None = None) -> io.NodeOutput:
         node = "Embedding Blend"
-        cond_utils.validate(primary, socket="primary")
-        cond_utils.validate(secondary, socket="secondary")
+        cond_utils.validate(primary, socket="primary", node=node)
+        cond_utils.validate(secondary, socket="secondary", node=node)
         if len(secondary) > 1:
             log.info("%s: the secondary has %d entries; only the first is used", node, len(secondary))
         sec = secondary[0][0]

@@ -135,7 +135,7 @@ class EmbeddingDimensionFix(io.ComfyNode):
                 fix_table: FixTable | None = None, outlier_ratio: float = 0.0, hyper_mult: float = 0.0,
                 clamp_sigma: float = 0.0) -> io.NodeOutput:
         node = "Embedding Dimension Fix"
-        cond_utils.validate(conditioning, socket="conditioning")
+        cond_utils.validate(conditioning, socket="conditioning", node=node)
         table = resolve_table(fix_table, table_file, node)
         check_width(conditioning, table, "conditioning")
         warn_provenance(table, conditioning, token_scope, node)

@@ -127,3 +127,36 @@ def test_provenance_warnings_compare_only_recorded_facts():
                     "corrections"]
     # a table without a recorded target model checks the layer only
     assert len(C.provenance_warnings(other, "", -2)) == 2
+
+
+def test_sequences_of_conditionings_from_elsewhere():
+    a = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    src = [[a, {"attention_mask": mask}], [a[:1, :1].clone(), {}]]
+    snap = a.clone()
+    seqs = C.sequences(src, "target_conditioning", "Dimension Analyzer")
+    assert [tuple(x.shape) for x in seqs] == [(4, 8), (6, 8), (1, 8)]  # padded tokens trimmed; T = 1 kept
+    assert torch.equal(seqs[0], a[0, :4]) and torch.equal(seqs[1], a[1]) and torch.equal(a, snap)
+    half = C.sequences([[a.half(), {}]])
+    assert half[0].dtype == torch.float16  # accepted; the analysis upcasts to float64
+    bad = a.clone()
+    bad[1, 2, 3] = float("inf")
+    bad[0, 0, 0] = float("nan")
+    cases = [
+        ([[bad, {}]], r"Dimension Analyzer: input 'target_conditioning', entry 0 contains 2 NaN/Inf value\(s\)"),
+        ([[a.unsqueeze(1), {}]], r"entry 0 has shape \(2, 1, 6, 8\) \(4-D: several layers\)"),
+        ([[a[0], {}]], r"entry 0 has shape \(6, 8\); expected \[batch, tokens, width\]"),
+        ([[a.long(), {}]], "not floating point"),
+        ([[a, {"attention_mask": torch.ones(2, 5)}]], r"attention_mask of shape \(2, 5\) does not match"),
+        ([[a[:1], {"attention_mask": torch.zeros(1, 6)}]], "batch item 0 has no unmasked token"),
+        ([], "must be a non-empty CONDITIONING"),
+        ([["x", {}]], r"entry 0 is not a \[tensor, dict\] pair"),
+    ]
+    for value, match in cases:
+        with pytest.raises(ValueError, match=match):
+            C.sequences(value, "target_conditioning", "Dimension Analyzer")
+
+
+def test_validate_names_the_node():
+    with pytest.raises(ValueError, match=r"^Embedding Blend: input 'primary' is an empty CONDITIONING"):
+        C.validate([], "primary", node="Embedding Blend")

@@ -395,7 +395,7 @@ def test_bad_inputs_give_clear_errors(node, clips):
         run(node, reference_conditioning=cond)
     bad = [[cond[0][0].clone(), dict(cond[0][1])]]
     bad[0][0][0, 3, 5] = float("nan")
-    with pytest.raises(ValueError, match=r"'target_conditioning' sequence 0 contains 1 NaN/Inf"):
+    with pytest.raises(ValueError, match=r"Dimension Analyzer: input 'target_conditioning', entry 0 contains 1 NaN/Inf"):
         run(node, reference_conditioning=cond, target_conditioning=bad)
     four = [[cond[0][0].unsqueeze(1).repeat(1, 3, 1, 1), dict(cond[0][1])]]
     with pytest.raises(ValueError, match="4-D"):
