@@ -234,11 +234,12 @@ class DimensionAnalyzer(io.ComfyNode):
     def fingerprint_inputs(cls, prompts="", layer=-2, reference_layer=-2, sweep_all_layers=False,
                            outlier_ratio=3.0, dead_threshold=0.01, hyper_multiplier=5.0, token_scope="content",
                            save_name="", overwrite=False, **linked) -> str:
-        """Widget values only: linked inputs (encoders, model, conditionings) arrive as None here, so their
-        identity cannot be part of this fingerprint; ComfyUI already re-runs the node when an upstream output
-        changes (e.g. another checkpoint is loaded), and otherwise reuses the cached result."""
-        key = repr((prompts, layer, reference_layer, sweep_all_layers, outlier_ratio, dead_threshold, hyper_multiplier, token_scope,
-                    save_name, overwrite))
+        """Widget values, plus the state of the save destination: linked inputs (encoders, model,
+        conditionings) arrive as None here, so their identity cannot be part of this fingerprint; ComfyUI
+        already re-runs the node when an upstream output changes (e.g. another checkpoint is loaded), and
+        otherwise reuses the cached result -- unless the saved table was deleted or replaced since."""
+        key = repr((prompts, layer, reference_layer, sweep_all_layers, outlier_ratio, dead_threshold,
+                    hyper_multiplier, token_scope, save_name, overwrite, _dest_state(save_name)))
         return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
     @classmethod
@@ -359,6 +360,21 @@ def _set_dit(an: CorpusAnalysis, model) -> None:
         raise ValueError(f"{NODE}: input 'model' takes {gain.shape[-1]}-dim caption features but the encoders have "
                          f"{an.dim} dims (connect the Z-Image model this text encoder is meant for)")
     an.set_dit(gain, weight, bias, eps)
+
+
+def _dest_state(save_name: str) -> tuple | None:
+    """``(size, mtime)`` of the table file ``save_name`` would write, ``()`` when absent, None when not saving."""
+    try:
+        dest = _save_path(save_name, overwrite=True)
+    except ValueError:
+        return None  # a bad name: execute() reports it
+    if dest is None:
+        return None
+    try:
+        st = os.stat(dest)
+    except OSError:
+        return ()
+    return (st.st_size, st.st_mtime_ns)
 
 
 def _save_path(save_name: str, overwrite: bool) -> str | None:

@@ -451,3 +451,18 @@ def test_fingerprint_covers_widgets(node):
     assert a != node.fingerprint_inputs(prompts="x", layer=-2, reference_layer=-3)
     assert a != node.fingerprint_inputs(prompts="x", layer=-2, outlier_ratio=10.0)
     assert a != node.fingerprint_inputs(prompts="x", layer=-2, sweep_all_layers=True)
+
+
+def test_fingerprint_changes_when_the_saved_table_goes(node, comfy, clips, fast_plots):
+    """Deleting (or replacing) the saved table makes ComfyUI run the analyzer again instead of reusing its cache."""
+    ref_clip, tgt_clip = clips
+    widgets = dict(prompts=PROMPTS[0] + "\n" + PROMPTS[2], save_name="fp_probe", overwrite=True)
+    dest = comfy.models / "fix_tables" / "fp_probe.safetensors"
+    absent = node.fingerprint_inputs(**widgets)
+    run(node, reference=ref_clip, target=tgt_clip, **widgets)
+    saved = node.fingerprint_inputs(**widgets)
+    assert dest.exists() and saved != absent and saved == node.fingerprint_inputs(**widgets)
+    dest.unlink()
+    assert node.fingerprint_inputs(**widgets) == absent
+    assert node.fingerprint_inputs(prompts="x", save_name="../bad") == node.fingerprint_inputs(prompts="x",
+                                                                                               save_name="../bad")
