@@ -34,7 +34,10 @@ Improved modes:
   is used and the plan's ``notes`` say so.
 
 For every mode except ``affine``, ``strength`` interpolates between the input (0) and the fully fixed
-result (1). Outlier/dead/hyperactive classes use the table's thresholds unless others are passed.
+result (1). Outlier/dead/hyperactive classes use the table's thresholds unless others are passed; the
+hyperactive rule here uses the *lower* median σ (``torch.median``, as the original research did), while
+the analysis report (``dimfix.compare``) uses the true median, so for an even dim count a dim within a
+hair of the threshold can be listed by one and not the other.
 """
 
 from __future__ import annotations
