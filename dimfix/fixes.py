@@ -304,6 +304,14 @@ def apply_plan(x: torch.Tensor, plan: FixPlan, token_mask: torch.Tensor | None =
 
     Computes in float32, returns a new tensor of ``x``'s dtype; ``x`` is never modified.
     """
+    if token_mask is not None and token_mask.shape[-1] != x.shape[-2]:
+        raise ValueError(f"token mask covers {token_mask.shape[-1]} tokens, the embedding has {x.shape[-2]}")
+    runs = _token_runs(token_mask) if token_mask is not None and token_mask.ndim == 1 else None
+    return _apply(x, plan, token_mask, runs)
+
+
+def _apply(x: torch.Tensor, plan: FixPlan, token_mask: torch.Tensor | None, runs) -> torch.Tensor:
+    """:func:`apply_plan` with the mask's contiguous runs already known (``runs``, or None)."""
     _check_width(x, plan.dim, "fix plan")
     if plan.is_identity:
         return x.clone()
@@ -312,10 +320,18 @@ def apply_plan(x: torch.Tensor, plan: FixPlan, token_mask: torch.Tensor | None =
     xf = x.to(torch.float32)
     if token_mask is None:
         y = _apply_all_tokens(xf, plan)
+    elif runs is not None:  # a few contiguous runs (the Z-Image template's prefix and suffix): slice copies
+        included, excluded = runs
+        if sum(b - a for a, b in excluded) * 2 <= x.shape[-2]:  # fix everything, restore the excluded runs
+            y = _apply_all_tokens(xf, plan)
+            for a, b in excluded:
+                y.narrow(-2, a, b - a).copy_(xf.narrow(-2, a, b - a))
+        else:  # fix only the included runs
+            y = xf.clone()
+            for a, b in included:
+                y.narrow(-2, a, b - a).copy_(_apply_all_tokens(xf.narrow(-2, a, b - a), plan))
     else:
         m = token_mask.to(device=x.device, dtype=torch.bool)
-        if m.shape[-1] != x.shape[-2]:
-            raise ValueError(f"token mask covers {m.shape[-1]} tokens, the embedding has {x.shape[-2]}")
         if m.ndim == 1:
             keep = torch.nonzero(~m).flatten()
             if keep.numel() * 2 <= m.numel():  # fix everything, then restore the few excluded tokens
@@ -332,9 +348,34 @@ def apply_plan(x: torch.Tensor, plan: FixPlan, token_mask: torch.Tensor | None =
     return y.to(x.dtype) if y.dtype != x.dtype else y
 
 
+_MAX_RUNS = 8
+
+
+@functools.lru_cache(maxsize=256)
+def _runs_of(bits: bytes) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]] | None:
+    """``(included runs, excluded runs)`` of a bool mask given as bytes, or None when it has many runs."""
+    edges = [0] + [i for i in range(1, len(bits)) if bits[i] != bits[i - 1]] + [len(bits)]
+    if len(edges) - 1 > 2 * _MAX_RUNS:
+        return None
+    spans = list(zip(edges[:-1], edges[1:]))
+    return (tuple(r for r in spans if bits[r[0]]), tuple(r for r in spans if not bits[r[0]]))
+
+
+def _token_runs(mask: torch.Tensor):
+    """Contiguous runs of a 1-D token mask (memoised by content); None on an accelerator or for many runs."""
+    if mask.device.type != "cpu":
+        return None
+    return _runs_of(mask.to(torch.bool).numpy().tobytes())
+
+
 @functools.lru_cache(maxsize=64)
 def _default_scope_mask(n_tokens: int, scope: str) -> torch.Tensor:
     return tokens.scope_mask(tokens.classify_positions(n_tokens), scope)
+
+
+@functools.lru_cache(maxsize=64)
+def _default_scope_runs(n_tokens: int, scope: str):
+    return _token_runs(_default_scope_mask(n_tokens, scope))
 
 
 def token_mask_for(n_tokens: int, scope: str, labels: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -359,8 +400,17 @@ def apply_fix(x: torch.Tensor, table: FixTable, mode: str, *, strength: float = 
     """
     _check_width(x, table.dim, f"fix table ({table.meta.target_model or 'target'} vs "
                                f"{table.meta.reference_model or 'reference'})")
-    mask = token_mask_for(x.shape[-2], scope, labels)
-    return apply_plan(x, cached_plan(table, mode, strength, thresholds), mask)
+    return apply_scoped(x, cached_plan(table, mode, strength, thresholds), scope, labels)
+
+
+def apply_scoped(x: torch.Tensor, plan: FixPlan, scope: str = "all",
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`apply_plan` on the tokens of ``scope`` (labels default to the Z-Image template positions,
+    whose masks and their runs are memoised per token count)."""
+    if labels is None and scope != "all" and scope in SCOPES:
+        n = int(x.shape[-2])
+        return _apply(x, plan, _default_scope_mask(n, scope), _default_scope_runs(n, scope))
+    return apply_plan(x, plan, token_mask_for(x.shape[-2], scope, labels))
 
 
 _PLANS: dict[tuple, tuple] = {}

@@ -143,7 +143,7 @@ class EmbeddingDimensionFix(io.ComfyNode):
         plan = fixes.cached_plan(table, mode, strength, th)  # fallbacks (e.g. no percentiles) are logged
 
         def fix(t, _meta):
-            return fixes.apply_plan(t, plan, fixes.token_mask_for(t.shape[-2], token_scope))
+            return fixes.apply_scoped(t, plan, token_scope)
 
         done = f"{mode} at strength {float(strength):g}, table {table.meta.target_model or 'target'} vs " \
                f"{table.meta.reference_model or 'reference'}"

@@ -265,6 +265,38 @@ def test_every_apply_path_equals_naive_formula(n_dims, n_bounded):
     assert plan.dims.numel() == int(((scale != 1) | (shift != 0) | (torch.isfinite(lo) if n_bounded else False)).sum())
 
 
+@pytest.mark.parametrize("pattern", ["prefix_suffix", "mostly_excluded", "alternating", "none", "all", "2d"])
+def test_token_masks_on_every_path_equal_a_where(pattern):
+    """Runs (few contiguous spans: slice copies), many runs (index copies) and 2-D masks give what a plain
+    ``where(mask, fixed, x)`` gives; the Z-Image scope shortcut equals the explicit mask."""
+    g = torch.Generator().manual_seed(len(pattern))
+    t = 40
+    m = torch.ones(t, dtype=torch.bool)
+    if pattern == "prefix_suffix":
+        m[:3] = False
+        m[-5:] = False
+    elif pattern == "mostly_excluded":
+        m[:] = False
+        m[10:14] = True
+        m[30] = True
+    elif pattern == "alternating":
+        m[::2] = False
+    elif pattern == "none":
+        m[:] = False
+    elif pattern == "2d":
+        m = torch.rand(2, t, generator=g) > 0.5
+    x = torch.randn(2, t, 8, generator=g) * 5
+    plan = fixes.plan_fix(hand_table(), "clamp")
+    expected = torch.where(m.unsqueeze(-1), fixes.apply_plan(x, plan), x)
+    if pattern == "alternating":
+        assert fixes._token_runs(m) is None  # more runs than the slice path takes
+    snap = x.clone()
+    assert torch.equal(fixes.apply_plan(x, plan, m), expected) and torch.equal(x, snap)
+    for scope in ("content", "no_sink"):
+        explicit = fixes.apply_plan(x, plan, fixes.token_mask_for(t, scope))
+        assert torch.equal(fixes.apply_scoped(x, plan, scope), explicit)
+
+
 def test_real_reference_two_sided_outliers(reference_stats_npz):
     z = np.load(reference_stats_npz)
     ref_mean, ref_std = z["per_dim_mean"].astype(np.float64), z["per_dim_std"].astype(np.float64)
