@@ -58,27 +58,29 @@ def ratio_eps(sigma_ref: torch.Tensor, eps_rel: float, sigma_tgt: torch.Tensor |
     return max(eps, _TINY) if math.isfinite(eps) else _TINY
 
 
-def std_ratio(sigma_tgt: torch.Tensor, sigma_ref: torch.Tensor, eps_rel: float = Thresholds.eps_rel) -> torch.Tensor:
-    """``(σ_tgt + eps) / (σ_ref + eps)`` per dim, float64, with ``eps = eps_rel × median(σ_ref ∪ σ_tgt)``."""
+def _shifted(sigma_tgt: torch.Tensor, sigma_ref: torch.Tensor, eps_rel: float,
+             what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(σ_tgt + eps, σ_ref + eps)`` in float64 after checking the arguments."""
     tgt, ref = _vec(sigma_tgt), _vec(sigma_ref)
     if tgt.shape != ref.shape:
-        raise ValueError(f"std_ratio: sigma_tgt has {tgt.numel()} dims, sigma_ref {ref.numel()}")
+        raise ValueError(f"{what}: sigma_tgt has {tgt.numel()} dims, sigma_ref {ref.numel()}")
     if not eps_rel >= 0:
-        raise ValueError(f"std_ratio: eps_rel must be >= 0, got {eps_rel}")
+        raise ValueError(f"{what}: eps_rel must be >= 0, got {eps_rel}")
     eps = ratio_eps(ref, eps_rel, tgt)
-    return (tgt + eps) / (ref + eps)
+    return tgt + eps, ref + eps
+
+
+def std_ratio(sigma_tgt: torch.Tensor, sigma_ref: torch.Tensor, eps_rel: float = Thresholds.eps_rel) -> torch.Tensor:
+    """``(σ_tgt + eps) / (σ_ref + eps)`` per dim, float64, with ``eps = eps_rel × median(σ_ref ∪ σ_tgt)``."""
+    tgt, ref = _shifted(sigma_tgt, sigma_ref, eps_rel, "std_ratio")
+    return tgt / ref
 
 
 def log_ratio(sigma_tgt: torch.Tensor, sigma_ref: torch.Tensor, eps_rel: float = Thresholds.eps_rel) -> torch.Tensor:
     """Natural log of :func:`std_ratio`, as ``log(σ_tgt + eps) - log(σ_ref + eps)``: swapping the models
     flips the sign bit for bit."""
-    tgt, ref = _vec(sigma_tgt), _vec(sigma_ref)
-    if tgt.shape != ref.shape:
-        raise ValueError(f"log_ratio: sigma_tgt has {tgt.numel()} dims, sigma_ref {ref.numel()}")
-    if not eps_rel >= 0:
-        raise ValueError(f"log_ratio: eps_rel must be >= 0, got {eps_rel}")
-    eps = ratio_eps(ref, eps_rel, tgt)
-    return torch.log(tgt + eps) - torch.log(ref + eps)
+    tgt, ref = _shifted(sigma_tgt, sigma_ref, eps_rel, "log_ratio")
+    return torch.log(tgt) - torch.log(ref)
 
 
 # ---------------------------------------------------------------------------- correlations

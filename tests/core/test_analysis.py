@@ -109,6 +109,15 @@ def test_consistency_split_consistent_vs_prompt_specific():
         assert bool(flags[3]) and flags.sum() >= 1
 
 
+def assert_same_comparison(got, one):
+    """Two LayerResults of the same pair agree (a sweep's layer vs a single-layer run)."""
+    for name in ("sigma_ref", "sigma_tgt", "mean_ref", "mean_tgt", "ratio"):
+        torch.testing.assert_close(getattr(got.comparison, name), getattr(one.comparison, name), rtol=1e-12, atol=0)
+    assert got.comparison.outliers == one.comparison.outliers
+    assert (got.consistent, got.prompt_specific) == (one.consistent, one.prompt_specific)
+    assert got.cosine == pytest.approx(one.cosine, rel=1e-12)
+
+
 def test_per_prompt_flags_follow_the_compare_ratio_rule():
     from dimfix.analysis import _ratio_flags, _std_tokens
     from dimfix.compare import std_ratio
@@ -140,12 +149,7 @@ def test_sweep_equals_per_layer_single_runs():
             single.add_prompt(ref[j], tgt[j], lab, lab)
         one = single.finish().result(k)
         got = sweep.result(k)
-        for name in ("sigma_ref", "sigma_tgt", "mean_ref", "mean_tgt", "ratio"):
-            torch.testing.assert_close(getattr(got.comparison, name), getattr(one.comparison, name), rtol=1e-12,
-                                       atol=0)
-        assert got.comparison.outliers == one.comparison.outliers
-        assert (got.consistent, got.prompt_specific) == (one.consistent, one.prompt_specific)
-        assert got.cosine == pytest.approx(one.cosine, rel=1e-12)
+        assert_same_comparison(got, one)
         for name, (n, mean) in got.reference_classes.items():
             assert n == one.reference_classes[name][0]
             torch.testing.assert_close(mean, one.reference_classes[name][1], rtol=1e-12, atol=1e-12, equal_nan=True)
@@ -490,12 +494,7 @@ def test_fixed_reference_sweep_equals_single_pair_runs():
         one = _pair_run(corpus, -2, [k]).finish().result()
         got = sweep.result(k)
         assert got.reference_layer == -2
-        for name in ("sigma_ref", "sigma_tgt", "mean_ref", "mean_tgt", "ratio"):
-            torch.testing.assert_close(getattr(got.comparison, name), getattr(one.comparison, name), rtol=1e-12,
-                                       atol=0)
-        assert got.comparison.outliers == one.comparison.outliers
-        assert (got.consistent, got.prompt_specific) == (one.consistent, one.prompt_specific)
-        assert got.cosine == pytest.approx(one.cosine, rel=1e-12)
+        assert_same_comparison(got, one)
         # cross_layer (what the recommendation uses) is the per-layer comparison with the fixed reference
         assert cross[k]["outliers"] == len(got.comparison.outliers)
         assert cross[k]["std_pearson"] == pytest.approx(got.comparison.std_pearson, rel=1e-12)
