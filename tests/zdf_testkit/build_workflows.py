@@ -217,6 +217,10 @@ def analyze(specs: dict) -> Graph:
             "with the same `save_name` stops with an error unless `overwrite` is on.\n\nThe Z-Image model is "
             "optional: connected, the report adds the DiT's view (caption-embedder sensitivity). "
             "`sweep_all_layers` adds a per-layer table from the same single forward per prompt.\n\n"
+            "**Other layers.** `layer` is the target's hidden layer, `reference_layer` the reference's; keep the "
+            "reference at −2 (what Z-Image was trained on). For a VL encoder set `layer` to −6: the table then "
+            "pairs the target at −6 with Qwen3-4B at −2, and is meant for the target's conditioning taken at −6 "
+            "(Hidden Layer Select).\n\n"
             + MODELS_NOTE, size=(460, 620))
     col = Column(0)
     unet = g.add("UNETLoader", col, widgets={"unet_name": DIT["name"], "weight_dtype": "default"}, models=[DIT])
