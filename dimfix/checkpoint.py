@@ -22,7 +22,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
@@ -294,11 +294,13 @@ def _cross_check(info: Qwen3Info, cfg: dict[str, Any], config_path: Path) -> Non
                 "the config and the safetensors files do not belong together")
 
 
-def read_qwen3_checkpoint(path: str | os.PathLike) -> Qwen3Checkpoint:
+def read_qwen3_checkpoint(path: str | os.PathLike,
+                          on_file: Callable[[int, int], None] | None = None) -> Qwen3Checkpoint:
     """Read a Qwen3 checkpoint (single ``.safetensors`` file or HF folder) into ComfyUI layout.
 
     Raises ``CheckpointError`` naming the file and the problem for anything that is not a readable
-    Qwen3 safetensors checkpoint.
+    Qwen3 safetensors checkpoint. ``on_file(done, total)`` is called before each weight file and once
+    after the last (``done == total``): for a progress bar, and it may raise to stop reading (Interrupt).
     """
     p = Path(path)
     _refuse_pickle(p)
@@ -320,7 +322,9 @@ def read_qwen3_checkpoint(path: str | os.PathLike) -> Qwen3Checkpoint:
 
     sd: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
-    for f in files:
+    for i, f in enumerate(files):
+        if on_file is not None:
+            on_file(i, len(files))
         _read_header(f)
         try:
             raw = load_file(str(f))
@@ -328,6 +332,8 @@ def read_qwen3_checkpoint(path: str | os.PathLike) -> Qwen3Checkpoint:
             raise CheckpointError(f"{f}: cannot read safetensors file ({type(e).__name__}: {e})") from e
         _remap(raw, str(f), sd, dropped)
         del raw
+    if on_file is not None:
+        on_file(len(files), len(files))
     where = str(p)
     info = _inspect(sd, where)
     if cfg is not None:

@@ -130,8 +130,18 @@ class Qwen3EmbeddingLoader(io.ComfyNode):
     def execute(cls, model_name: str, dtype: str = "default", append_eos: bool = False) -> io.NodeOutput:
         if dtype not in DTYPES:
             raise ValueError(f"{NODE}: dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        import comfy.model_management
+
+        bar = {}
+
+        def on_file(done: int, total: int) -> None:  # progress per weight file; Interrupt between files
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if "pbar" not in bar:
+                bar["pbar"] = comfy.utils.ProgressBar(total)
+            bar["pbar"].update_absolute(done, total)
+
         try:
-            ckpt = read_qwen3_checkpoint(resolve_entry(text_encoder_dirs(), model_name))
+            ckpt = read_qwen3_checkpoint(resolve_entry(text_encoder_dirs(), model_name), on_file=on_file)
         except CheckpointError as e:
             raise ValueError(f"{NODE}: {e}") from None
         info = ckpt.info

@@ -47,6 +47,24 @@ def test_layouts_identical(tmp_path, tiny):
     assert results["single_comfy"].dropped_keys == ["lm_head.weight"]
 
 
+def test_on_file_reports_progress_and_can_stop_the_read(tmp_path, tiny):
+    cfg, sd = tiny
+    folder = _layouts(tmp_path, cfg, sd)["hf_sharded_flat"]
+    calls = []
+    r = ck.read_qwen3_checkpoint(folder, on_file=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)] and len(r.source_files) == 3
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(done, total):
+        if done == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        ck.read_qwen3_checkpoint(folder, on_file=stop_after_first)
+
+
 def test_vocab_151665_and_overrides(tmp_path):
     cfg = tiny_config(hidden=64, layers=4, vocab=151665, rope_theta=5e5)
     cfg["max_position_embeddings"] = 32768

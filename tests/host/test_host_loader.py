@@ -108,6 +108,25 @@ def test_zimage_width_takes_comfyui_detection_path_with_parity(comfy, pack, tmp_
     comfy.folder_paths.filename_list_cache.clear()
 
 
+def test_progress_per_shard_and_interrupt_stops_loading(comfy, pack, emb, monkeypatch):
+    calls = []
+
+    def hook(value, total, preview, node_id=None):
+        calls.append((value, total))
+        if value == 1:
+            comfy.mm.interrupt_current_processing()
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    with pytest.raises(comfy.mm.InterruptProcessingException):
+        load(pack, EMB_DIR)  # 2 shards: interrupted before the second one is read
+    assert calls == [(0, 2), (1, 2)]
+    assert not comfy.mm.processing_interrupted()
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
+                        calls.append((value, total)))
+    calls.clear()
+    assert load(pack, EMB_DIR) is not None and calls == [(0, 2), (1, 2), (2, 2)]
+
+
 def test_comfy_layout_file_identical(comfy, pack, emb):
     a, b = load(pack, EMB_DIR), load(pack, EMB_FILE)
     for text in PROMPTS[:3]:
