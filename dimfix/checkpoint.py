@@ -317,7 +317,8 @@ def read_qwen3_checkpoint(path: str | os.PathLike,
                 raise CheckpointError(f"{config_path}: unreadable config.json ({e})") from e
     else:
         if p.suffix.lower() != ".safetensors":
-            raise CheckpointError(f"{p}: unsupported file type {p.suffix!r}; expected a .safetensors file or an HF folder")
+            raise CheckpointError(f"{p}: unsupported file type {p.suffix!r}; expected a .safetensors file or an HF "
+                                  "folder")
         files, extra = [p], []
 
     sd: dict[str, torch.Tensor] = {}
