@@ -34,7 +34,8 @@ class HiddenLayerSelect(io.ComfyNode):
                 "(unlike CLIP Set Last Layer, whose -1 is the pre-norm last block). Returns a copy; the input CLIP "
                 "is unchanged."),
             inputs=[
-                io.Clip.Input("clip", tooltip="A Z-Image (Qwen3) CLIP, e.g. from Qwen3 Embedding Loader or CLIPLoader."),
+                io.Clip.Input("clip",
+                              tooltip="A Z-Image (Qwen3) CLIP, e.g. from Qwen3 Embedding Loader or CLIPLoader."),
                 io.Int.Input("layer", default=-2, min=-1024, max=1024,
                              tooltip="Hugging Face hidden_states index: -2 is Z-Image's training layer, -6 the origin "
                                      "research's recommendation for VL encoders; 1..N-1 count blocks from the input. "
