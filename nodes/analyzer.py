@@ -245,8 +245,9 @@ class DimensionAnalyzer(io.ComfyNode):
     @classmethod
     def execute(cls, prompts: str = "", layer: int = -2, reference_layer: int = -2, sweep_all_layers: bool = False,
                 outlier_ratio: float = 3.0, dead_threshold: float = 0.01, hyper_multiplier: float = 5.0,
-                token_scope: str = "content", reference=None, target=None, model=None, reference_conditioning=None, target_conditioning=None,
-                save_name: str = "", overwrite: bool = False) -> io.NodeOutput:
+                token_scope: str = "content", reference=None, target=None, model=None,
+                reference_conditioning=None, target_conditioning=None, save_name: str = "",
+                overwrite: bool = False) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
