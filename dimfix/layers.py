@@ -16,7 +16,10 @@ So HF ``[0]`` (embeddings) and ``[N]`` (final norm) cannot be selected with ``cl
 
 from __future__ import annotations
 
-__all__ = ["LayerIndexError", "normalize_hf_layer", "hf_to_comfy_layer", "comfy_to_hf_layer", "hf_layer_range"]
+from dataclasses import dataclass
+
+__all__ = ["LayerIndexError", "LayerPlan", "normalize_hf_layer", "hf_to_comfy_layer", "comfy_to_hf_layer",
+           "hf_layer_range", "plan_analysis_layers"]
 
 
 class LayerIndexError(ValueError):
@@ -79,3 +82,47 @@ def comfy_to_hf_layer(i: int, depth: int) -> int | None:
     if i == -1 or i == depth - 1:
         return None
     return i + 1 if i >= 0 else depth + 1 + i
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Which hidden states an analysis requests from each encoder, and how it pairs them.
+
+    ``labels``: the target's HF indices (negative) the analysis reports; ``primary``: the report layer;
+    ``reference_layer``: the one reference layer every target layer is paired with, or None when layer
+    ``k`` is paired with layer ``k``; ``select_reference`` / ``select_target``: what to ask each encoder
+    for in one forward -- ``"all"`` or a list of non-negative HF positions.
+    """
+
+    labels: list[int]
+    primary: int
+    reference_layer: int | None
+    select_reference: list[int] | str
+    select_target: list[int] | str
+
+
+def _negative(k: int, n_states: int, name: str, which: str) -> int:
+    if isinstance(k, bool) or int(k) != k or not -n_states <= int(k) < n_states:
+        raise LayerIndexError(f"{name} {k} is out of range for '{which}', which has {n_states} HF hidden states "
+                              f"(valid: {-n_states} .. {n_states - 1}; -2 is the Z-Image default)")
+    return int(k) - n_states if k >= 0 else int(k)
+
+
+def plan_analysis_layers(layer: int, reference_layer: int, target_states: int, reference_states: int,
+                         sweep: bool = False) -> LayerPlan:
+    """Pair the target's ``layer`` with the reference's ``reference_layer`` (HF indices, either sign; the
+    encoders have ``*_states`` = blocks + 1 hidden states).
+
+    The same layer on both sides pairs layer ``k`` with layer ``k`` (a sweep then measures both encoders
+    at every layer, which needs equal depths). Otherwise the reference is measured at ``reference_layer``
+    only and every analysed target layer is paired with it (a VL target at -6 against Qwen3-4B at -2).
+    """
+    k_tgt = _negative(layer, target_states, "layer", "target")
+    k_ref = _negative(reference_layer, reference_states, "reference_layer", "reference")
+    paired = k_ref == k_tgt and (target_states == reference_states or not sweep)
+    if sweep:
+        return LayerPlan(labels=list(range(-target_states, 0)), primary=k_tgt,
+                         reference_layer=None if paired else k_ref,
+                         select_reference="all" if paired else [k_ref + reference_states], select_target="all")
+    return LayerPlan(labels=[k_tgt], primary=k_tgt, reference_layer=None if paired else k_ref,
+                     select_reference=[k_ref + reference_states], select_target=[k_tgt + target_states])

@@ -23,6 +23,7 @@ from ..dimfix.analysis import CorpusAnalysis
 from ..dimfix.config import Thresholds
 from ..dimfix.corpus import default_corpus_path, load_default_corpus, parse_corpus
 from ..dimfix.fixtable import save_fix_table
+from ..dimfix.layers import LayerIndexError, plan_analysis_layers
 from ..dimfix.plots import to_image_batch
 from ..dimfix.tokens import ZIMAGE_TEMPLATE, classify_ids, classify_positions
 from .common import CATEGORY, FIX_TABLES_FOLDER, FixTableSocket, register_fix_tables_folder
@@ -58,13 +59,6 @@ def _inner(clip, socket: str):
 def _hf_layers(clip, socket: str) -> int:
     """Number of HF hidden states (transformer blocks + 1) of the CLIP's text model."""
     return int(_inner(clip, socket).num_layers) + 1
-
-
-def _normalise_layer(layer: int, n_states: int, socket: str, widget: str = "layer") -> int:
-    if not -n_states <= int(layer) < n_states:
-        raise ValueError(f"{NODE}: {widget} {layer} is out of range for '{socket}', which has {n_states} HF hidden "
-                         f"states (valid: {-n_states} .. {n_states - 1}; -2 is the Z-Image default)")
-    return int(layer) - n_states if layer >= 0 else int(layer)
 
 
 def _token_ids(tokens) -> list[int] | None:
@@ -303,30 +297,22 @@ class DimensionAnalyzer(io.ComfyNode):
             for note in corpus.notes:
                 log.info("%s: %s", NODE, note)
             n_ref, n_tgt = _hf_layers(reference, "reference"), _hf_layers(target, "target")
-            k_ref = _normalise_layer(reference_layer, n_ref, "reference", "reference_layer")
-            k_tgt = _normalise_layer(layer, n_tgt, "target", "layer")
-            # same layer on both sides: layer k is paired with layer k (a sweep measures both encoders at every
-            # layer); otherwise the reference is measured at k_ref only and every target layer is paired with it
-            paired = k_ref == k_tgt and (n_ref == n_tgt or not sweep_all_layers)
-            ref_fixed = None if paired else k_ref
-            if sweep_all_layers:
-                labels = list(range(-n_tgt, 0))
-                sel_ref, sel_tgt = ("all" if paired else [k_ref + n_ref]), "all"
-            else:
-                labels = [k_tgt]
-                sel_ref, sel_tgt = [k_ref + n_ref], [k_tgt + n_tgt]
+            try:
+                lp = plan_analysis_layers(layer, reference_layer, n_tgt, n_ref, bool(sweep_all_layers))
+            except LayerIndexError as e:
+                raise ValueError(f"{NODE}: {e}") from None
             an = None
             pbar = comfy.utils.ProgressBar(len(corpus.prompts))
             for prompt in corpus.prompts:
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                r, r_ids = encode_hidden(reference, prompt, sel_ref, "reference")
-                t, t_ids = encode_hidden(target, prompt, sel_tgt, "target")
+                r, r_ids = encode_hidden(reference, prompt, lp.select_reference, "reference")
+                t, t_ids = encode_hidden(target, prompt, lp.select_target, "target")
                 if r.shape[-1] != t.shape[-1]:
                     raise ValueError(f"{NODE}: the encoders have different widths (reference {r.shape[-1]}, target "
                                      f"{t.shape[-1]}); a fix table needs the same hidden size")
                 if an is None:
-                    an = CorpusAnalysis(r.shape[-1], layers=labels, thresholds=thresholds, scope=token_scope,
-                                        primary_layers=[k_tgt], reference_layer=ref_fixed)
+                    an = CorpusAnalysis(r.shape[-1], layers=lp.labels, thresholds=thresholds, scope=token_scope,
+                                        primary_layers=[lp.primary], reference_layer=lp.reference_layer)
                     _set_dit(an, model)
                 an.add_prompt(r, t, _labels(r_ids, r.shape[1]), _labels(t_ids, t.shape[1]), prompt=prompt,
                               ref_ids=r_ids, tgt_ids=t_ids)

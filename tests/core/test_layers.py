@@ -58,3 +58,31 @@ def test_normalize():
         normalize_hf_layer(37, 36)
     with pytest.raises(LayerIndexError, match="depth"):
         normalize_hf_layer(0, 1)
+
+
+def test_plan_analysis_layers_pairs_and_selects():
+    from dimfix.layers import plan_analysis_layers
+
+    # same layer: k with k; the reference asks for one position only
+    p = plan_analysis_layers(-2, -2, 37, 37)
+    assert (p.labels, p.primary, p.reference_layer, p.select_reference, p.select_target) == (
+        [-2], -2, None, [35], [35])
+    # positive indices are normalised: 35 of 37 states == -2
+    assert plan_analysis_layers(35, -2, 37, 37) == p
+    # a VL target at -6 against the reference at -2
+    p = plan_analysis_layers(-6, -2, 37, 37)
+    assert (p.labels, p.reference_layer, p.select_reference, p.select_target) == ([-6], -2, [35], [31])
+    # sweeps: same layer and depth -> both encoders at every layer
+    p = plan_analysis_layers(-2, -2, 5, 5, sweep=True)
+    assert (p.labels, p.primary, p.reference_layer, p.select_reference, p.select_target) == (
+        [-5, -4, -3, -2, -1], -2, None, "all", "all")
+    # ... a fixed reference layer, or another depth -> the reference at one layer
+    p = plan_analysis_layers(-3, -2, 5, 5, sweep=True)
+    assert (p.primary, p.reference_layer, p.select_reference, p.select_target) == (-3, -2, [3], "all")
+    p = plan_analysis_layers(-2, -2, 7, 5, sweep=True)
+    assert (p.labels, p.reference_layer, p.select_reference) == (list(range(-7, 0)), -2, [3])
+    with pytest.raises(LayerIndexError, match=r"^layer 5 is out of range for 'target', which has 5 HF hidden states "
+                                              r"\(valid: -5 .. 4"):
+        plan_analysis_layers(5, -2, 5, 5)
+    with pytest.raises(LayerIndexError, match=r"^reference_layer -6 is out of range for 'reference'"):
+        plan_analysis_layers(-2, -6, 9, 5)
