@@ -102,10 +102,14 @@ class LayerPlan:
 
 
 def _negative(k: int, n_states: int, name: str, which: str) -> int:
-    if isinstance(k, bool) or int(k) != k or not -n_states <= int(k) < n_states:
+    """:func:`normalize_hf_layer` in negative form, with an error naming the widget and the encoder."""
+    try:
+        if isinstance(k, bool) or int(k) != k:
+            raise LayerIndexError(f"not an integer: {k!r}")
+        return normalize_hf_layer(int(k), n_states - 1) - n_states
+    except LayerIndexError:
         raise LayerIndexError(f"{name} {k} is out of range for '{which}', which has {n_states} HF hidden states "
-                              f"(valid: {-n_states} .. {n_states - 1}; -2 is the Z-Image default)")
-    return int(k) - n_states if k >= 0 else int(k)
+                              f"(valid: {-n_states} .. {n_states - 1}; -2 is the Z-Image default)") from None
 
 
 def plan_analysis_layers(layer: int, reference_layer: int, target_states: int, reference_states: int,
