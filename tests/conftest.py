@@ -8,7 +8,6 @@ top-level ``nodes`` module of its own). ``tests/`` goes on ``sys.path`` for the 
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -43,7 +42,3 @@ def reference_stats_npz() -> Path:
         pytest.skip(f"reference stats not found at {path} (only present beside the development checkout)")
     return path
 
-
-def pytest_report_header(config):
-    comfy = os.environ.get("COMFYUI_PATH")
-    return f"host tier: {'COMFYUI_PATH=' + comfy if comfy else 'skipped (COMFYUI_PATH not set)'}"

@@ -32,9 +32,9 @@ def _comfy(path: str):
     sys.path.insert(0, str(Path(path).resolve()))
     if str(TESTS) not in sys.path:
         sys.path.insert(0, str(TESTS))
-    from zdf_testkit.host_env import ensure_torchvision_importable
+    from zdf_testkit.host_env import ensure_standins
 
-    ensure_torchvision_importable()
+    ensure_standins()
     from comfy.cli_args import args
 
     args.cpu = True

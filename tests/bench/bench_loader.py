@@ -69,9 +69,9 @@ def child(kind: str, file: Path, layers: int) -> None:
     """Runs in a fresh process: import ComfyUI, load once, print a JSON line."""
     sys.path.insert(0, str(Path(os.environ["COMFYUI_PATH"]).resolve()))
     sys.path.insert(0, str(TESTS))
-    from zdf_testkit.host_env import ensure_torchvision_importable
+    from zdf_testkit.host_env import ensure_standins
 
-    ensure_torchvision_importable()
+    ensure_standins()
     from comfy.cli_args import args
 
     args.cpu = True

@@ -1,7 +1,8 @@
 """Host tier: tests that run the pack inside a real ComfyUI checkout.
 
-Set ``COMFYUI_PATH`` to a ComfyUI 0.8 source tree whose requirements are installed in the
-running interpreter. Without it every test here is skipped with that reason.
+Set ``COMFYUI_PATH`` to a ComfyUI source tree (0.8.0 or newer) whose requirements are installed in the
+running interpreter (``tests/host/setup_host.sh TREE VENV`` makes such a virtualenv). Without it the run stops
+with that message: a host test is never reported as skipped.
 ComfyUI is imported in-process on the CPU; the pack is loaded the way ComfyUI loads custom
 nodes (from its ``__init__.py`` under a path-derived module name).
 """
@@ -19,37 +20,44 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-SKIP_REASON = "host tier needs a ComfyUI 0.8 checkout: set COMFYUI_PATH (see README, Development)"
+MISSING = ("the host tier needs a ComfyUI checkout: set COMFYUI_PATH to one (e.g. ../shared/hosts/comfyui-0.33.0) and "
+           "run with a virtualenv made by tests/host/setup_host.sh (see README, Development)")
 
 
 def pytest_collection_modifyitems(config, items):
     here = Path(__file__).resolve().parent
-    for item in items:
-        if here in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(pytest.mark.host)
-            if not COMFYUI_PATH:
-                item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
+    hosted = [item for item in items if here in Path(str(item.fspath)).resolve().parents]
+    for item in hosted:
+        item.add_marker(pytest.mark.host)
+    if hosted and not COMFYUI_PATH:
+        raise pytest.UsageError(MISSING)
+
+
+def pytest_report_header(config):
+    if not COMFYUI_PATH:
+        return None
+    from zdf_testkit.live_comfy import comfyui_version
+
+    return f"ComfyUI host: {comfyui_version() or 'unknown version'} at {COMFYUI_PATH}"
 
 
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
     """Import ComfyUI on the CPU with its model folders pointed at a temporary base directory."""
-    if not COMFYUI_PATH:
-        pytest.skip(SKIP_REASON)
     path = str(Path(COMFYUI_PATH).resolve())
     if path not in sys.path:
         sys.path.insert(0, path)
-    from zdf_testkit.host_env import ensure_torchvision_importable, torchvision_importable
+    from zdf_testkit.host_env import ensure_standins, importable
 
     # transformers caches (lru_cache) whether torchvision exists: ask before the stand-in is on sys.path,
     # so transformers models used as test references never try to use the stand-in.
     from transformers.utils import import_utils as transformers_import_utils
 
-    if transformers_import_utils.is_torchvision_available() and not torchvision_importable():
+    if transformers_import_utils.is_torchvision_available() and not importable("torchvision"):
         pytest.exit("torchvision is installed but does not import with this torch (a build for another torch "
                     "release); uninstall it ('pip uninstall torchvision') so the host tier can use its import-only "
                     "stand-in, or install the torchvision build that matches torch", returncode=4)
-    ensure_torchvision_importable()
+    ensure_standins()
     from comfy.cli_args import args
 
     args.cpu = True

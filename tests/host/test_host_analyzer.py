@@ -333,15 +333,15 @@ def test_interrupt_mid_run_raises_and_writes_no_table(node, comfy, clips, monkey
     calls = []
 
     def hook(value, total, preview, node_id=None):
-        calls.append(value)
-        if value == 2:
-            comfy.mm.interrupt_current_processing()
+        # ComfyUI >= 0.9.2 throttles updates but always delivers the first: interrupt there (after prompt 1)
+        calls.append((value, total))
+        comfy.mm.interrupt_current_processing()
 
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
     dest = comfy.models / "fix_tables" / "interrupted.safetensors"
     with pytest.raises(comfy.mm.InterruptProcessingException):
         run(node, reference=ref_clip, target=tgt_clip, save_name="interrupted")
-    assert calls == [1, 2]
+    assert len(calls) == 1 and calls[0][0] == 1 < calls[0][1]  # stopped before the second of several prompts
     assert not dest.exists()
     assert not any(p.name.startswith(".interrupted") for p in dest.parent.iterdir())
     assert not comfy.mm.processing_interrupted()

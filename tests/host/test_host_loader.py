@@ -113,18 +113,19 @@ def test_progress_per_shard_and_interrupt_stops_loading(comfy, pack, emb, monkey
 
     def hook(value, total, preview, node_id=None):
         calls.append((value, total))
-        if value == 1:
-            comfy.mm.interrupt_current_processing()
+        comfy.mm.interrupt_current_processing()  # at the first update: the one no host throttles
 
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
     with pytest.raises(comfy.mm.InterruptProcessingException):
         load(pack, EMB_DIR)  # 2 shards: interrupted before the second one is read
-    assert calls == [(0, 2), (1, 2)]
+    assert calls == [(0, 2)]
     assert not comfy.mm.processing_interrupted()
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
                         calls.append((value, total)))
     calls.clear()
-    assert load(pack, EMB_DIR) is not None and calls == [(0, 2), (1, 2), (2, 2)]
+    assert load(pack, EMB_DIR) is not None
+    # first and last always arrive; newer hosts may throttle the one in between (>= 100 ms, >= 0.5 % apart)
+    assert calls[0] == (0, 2) and calls[-1] == (2, 2) and calls in ([(0, 2), (1, 2), (2, 2)], [(0, 2), (2, 2)])
 
 
 def test_comfy_layout_file_identical(comfy, pack, emb):

@@ -53,9 +53,9 @@ def import_comfy_standalone():
         raise SystemExit("set COMFYUI_PATH to a ComfyUI 0.8 checkout")
     if path not in sys.path:
         sys.path.insert(0, str(Path(path).resolve()))
-    from .host_env import ensure_torchvision_importable
+    from .host_env import ensure_standins
 
-    ensure_torchvision_importable()
+    ensure_standins()
     from comfy.cli_args import args
 
     args.cpu = True
@@ -95,6 +95,11 @@ def comfyui_version() -> str:
         if line.startswith("__version__"):
             return line.split("=", 1)[1].strip().strip("\"'")
     return ""
+
+
+def host_version() -> tuple[int, ...]:
+    """:func:`comfyui_version` as a tuple of ints, e.g. ``(0, 33, 0)``; ``()`` when unknown."""
+    return tuple(int(p) for p in comfyui_version().split(".") if p.isdigit())
 
 
 def refresh_specs() -> None:

@@ -307,7 +307,7 @@ def install_tiny_detection_patch(comfy_modules: Any = None, text_encoders: bool 
                 return sd_mod.TEModel.QWEN3_4B
             return orig_te(sd)
 
-        def tiny_aware_load_te(state_dicts=(), embedding_directory=None, clip_type=None, model_options=None):
+        def tiny_aware_load_te(state_dicts=(), embedding_directory=None, clip_type=None, model_options=None, **kw):
             model_options = dict(model_options or {})
             if len(state_dicts) == 1:
                 cfg = tiny_qwen3_config_from_state_dict(state_dicts[0])
@@ -316,8 +316,9 @@ def install_tiny_detection_patch(comfy_modules: Any = None, text_encoders: bool 
                                                                                          {})}
             if clip_type is None:
                 clip_type = sd_mod.CLIPType.STABLE_DIFFUSION
+            # **kw: arguments newer hosts added (e.g. disable_dynamic, 0.16) pass through unchanged
             return orig_load(list(state_dicts), embedding_directory=embedding_directory, clip_type=clip_type,
-                             model_options=model_options)
+                             model_options=model_options, **kw)
 
         patch.restore.append((sd_mod, "detect_te_model", orig_te))
         patch.restore.append((sd_mod, "load_text_encoder_state_dicts", orig_load))
