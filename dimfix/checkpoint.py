@@ -211,7 +211,11 @@ def _model_files(folder: Path) -> tuple[list[Path], list[Path]]:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: corrupt shard index ({e})") from e
         names = sorted(set(weight_map.values()))
+        root = folder.resolve()
         for name in names:
+            if not isinstance(name, str) or root not in (root / name).resolve().parents:
+                raise CheckpointError(f"{index}: shard {name!r} is outside the model folder {folder}; only files "
+                                      "inside the folder the model was chosen from are read")
             if not (folder / name).is_file():
                 raise CheckpointError(f"{folder}: shard {name!r} named in {INDEX_NAME} is missing")
         return [folder / n for n in names], [index, *extra]
@@ -222,7 +226,8 @@ def _model_files(folder: Path) -> tuple[list[Path], list[Path]]:
         raise CheckpointError(
             f"{folder}: only pickle weights found ({', '.join(pickles)}); refusing to load them: unpickling can "
             "execute arbitrary code. Convert the model to .safetensors and load that instead.")
-    raise CheckpointError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME} in this folder")
+    raise CheckpointError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME} in this folder; download the model's "
+                          "*.safetensors weight files (and the index, if sharded) into it")
 
 
 def _remap(raw: dict[str, torch.Tensor], where: str, out: dict[str, torch.Tensor], dropped: list[str]) -> None:
@@ -283,6 +288,28 @@ def _inspect(sd: dict[str, torch.Tensor], where: str) -> Qwen3Info:
                      dtype=sd["model.norm.weight"].dtype, has_q_norm=has_q_norm)
 
 
+#: safetensors dtypes of weights the loader reads (quantized formats are left to ComfyUI's own loader).
+PLAIN_DTYPES = ("BF16", "F16", "F32", "F64")
+
+
+def _check_dtypes(path: Path, header: dict[str, Any]) -> None:
+    for key, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if key != "__metadata__" and dtype not in PLAIN_DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} is stored as {dtype} (a quantized checkpoint, e.g. *_fp8_mixed); this loader "
+                "reads bf16/fp16/fp32 weights. Load quantized files with the stock Load CLIP node (type lumina2) -- "
+                "the Dimension Analyzer accepts that CLIP -- or use a bf16 copy of the model here.")
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{path}: tensor {key!r} has {bad} NaN/Inf values of {t.numel()}; the file is "
+                                  "corrupt or was saved after a failed conversion. Download or convert it again.")
+
+
 def _cross_check(info: Qwen3Info, cfg: dict[str, Any], config_path: Path) -> None:
     pairs = (("hidden_size", info.hidden), ("num_hidden_layers", info.layers), ("vocab_size", info.vocab),
              ("num_attention_heads", info.heads), ("num_key_value_heads", info.kv_heads),
@@ -326,11 +353,12 @@ def read_qwen3_checkpoint(path: str | os.PathLike,
     for i, f in enumerate(files):
         if on_file is not None:
             on_file(i, len(files))
-        _read_header(f)
+        _check_dtypes(f, _read_header(f)[0])
         try:
             raw = load_file(str(f))
         except Exception as e:  # safetensors raises its own SafetensorError / OSError types
             raise CheckpointError(f"{f}: cannot read safetensors file ({type(e).__name__}: {e})") from e
+        _check_finite(f, raw)
         _remap(raw, str(f), sd, dropped)
         del raw
     if on_file is not None:
@@ -362,9 +390,10 @@ def fingerprint_path(path: str | os.PathLike) -> str:
 # ----------------------------------------------------------------------------------------- listing
 
 def _is_hf_folder(folder: Path, names: list[str]) -> bool:
-    if INDEX_NAME in names:
-        return True
-    return "config.json" in names and (SINGLE_NAME in names or any(_SHARD_RE.match(n) for n in names))
+    """A model folder, usable or not: unusable ones (only config.json, only pickle weights) are listed too, so
+    that choosing one explains what is missing instead of the folder silently not appearing."""
+    return INDEX_NAME in names or "config.json" in names or \
+        any(n.startswith("pytorch_model") and n.endswith(PICKLE_SUFFIXES) for n in names)
 
 
 _HEADER_CACHE: dict[tuple[str, int, int], bool] = {}
@@ -404,7 +433,9 @@ def list_model_entries(dirs: list[str]) -> list[str]:
                 dirnames[:] = []
                 continue
             for name in filenames:
-                if name.lower().endswith(".safetensors") and _looks_like_text_encoder(here / name):
+                low = name.lower()
+                if (low.endswith(".safetensors") and _looks_like_text_encoder(here / name)) or \
+                        low.endswith(PICKLE_SUFFIXES):  # listed so that choosing it says "convert to safetensors"
                     entries.add(os.path.relpath(here / name, root))
     return sorted(entries)
 

@@ -289,3 +289,53 @@ def test_fingerprint_path_matches_reader(tmp_path, tiny):
         assert ck.fingerprint_path(p) == ck.read_qwen3_checkpoint(p).fingerprint
     with pytest.raises(ck.CheckpointError, match="no such file"):
         ck.fingerprint_path(tmp_path / "gone.safetensors")
+
+
+def test_unusable_entries_are_listed_and_explain_themselves(tmp_path, tiny):
+    cfg, sd = tiny
+    (tmp_path / "only_config").mkdir()
+    (tmp_path / "only_config" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "only_bin").mkdir()
+    (tmp_path / "only_bin" / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    (tmp_path / "encoder.bin").write_bytes(b"\x80\x02}q\x00.")
+    names = ck.list_model_entries([str(tmp_path)])
+    assert names == ["encoder.bin", "only_bin", "only_config"]
+    for name, message in (("encoder.bin", "pickle"), ("only_bin", "pickle"), ("only_config", "no model.safetensors")):
+        with pytest.raises(ck.CheckpointError, match=message):
+            ck.read_qwen3_checkpoint(ck.resolve_entry([str(tmp_path)], name))
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/abs/outside.safetensors", "sub/../../x.safetensors"])
+def test_shard_index_cannot_leave_the_folder(tmp_path, tiny, shard):
+    cfg, sd = tiny
+    folder = save_hf_folder(sd, cfg, tmp_path / "m", shards=2)
+    save_single_file(sd, tmp_path / "outside.safetensors")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ck.CheckpointError, match="outside the model folder"):
+        ck.read_qwen3_checkpoint(folder)
+    with pytest.raises(ck.CheckpointError, match="outside the model folder"):
+        ck.fingerprint_path(folder)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, tiny, bad):
+    cfg, sd = tiny
+    broken = dict(sd)
+    key = "model.layers.1.mlp.up_proj.weight"
+    broken[key] = sd[key].clone()
+    broken[key][0, :3] = bad
+    with pytest.raises(ck.CheckpointError, match=r"up_proj.weight' has 3 NaN/Inf values"):
+        ck.read_qwen3_checkpoint(save_single_file(broken, tmp_path / "nan.safetensors"))
+
+
+def test_quantized_weights_are_refused_naming_the_dtype(tmp_path, tiny):
+    cfg, sd = tiny
+    q = dict(sd)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    q[key] = sd[key].to(torch.float8_e4m3fn)
+    q[key.replace(".weight", ".scale_weight")] = torch.ones(())
+    with pytest.raises(ck.CheckpointError, match=r"q_proj.weight' is stored as F8_E4M3 .*stock Load CLIP"):
+        ck.read_qwen3_checkpoint(save_single_file(q, tmp_path / "fp8.safetensors"))
