@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 async def comfy_entrypoint():
     from .nodes import DimFixExtension
-    from .nodes.common import register_fix_tables_folder
+    from .nodes.comfy_access import register_fix_tables_folder
 
     register_fix_tables_folder()  # models/fix_tables (+ the pack's fix_tables/) in ComfyUI's model folders
     return DimFixExtension()

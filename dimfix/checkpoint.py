@@ -253,6 +253,11 @@ def _shape(sd: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
 
 
 def _inspect(sd: dict[str, torch.Tensor], where: str) -> Qwen3Info:
+    if "model.language_model.layers.0.self_attn.q_proj.weight" in sd:
+        raise CheckpointError(
+            f"{where}: a Qwen3-VL checkpoint (model.language_model.* tensors), not a Qwen3 text encoder: on ComfyUI "
+            "0.26 or newer load it with the stock Load CLIP node (type lumina2), then choose its layer with Hidden "
+            "Layer Select (-6 is the usual choice); older ComfyUI cannot load Qwen3-VL as a CLIP")
     if "model.layers.0.self_attn.q_proj.weight" not in sd or "model.embed_tokens.weight" not in sd:
         raise CheckpointError(
             f"{where}: not a Qwen3 text encoder (no 'layers.0.self_attn.q_proj.weight' / 'embed_tokens.weight' "

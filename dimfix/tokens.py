@@ -25,6 +25,8 @@ IM_END = 151645
 #: Token ids of the template around the prompt, for the Qwen2/Qwen3 tokenizer.
 TEMPLATE_PREFIX_IDS = (IM_START, 872, 198)  # <|im_start|> user \n
 TEMPLATE_SUFFIX_IDS = (IM_END, 198, IM_START, 77091, 198)  # <|im_end|> \n <|im_start|> assistant \n
+#: The empty think block ComfyUI's Qwen3-VL tokenizer appends after the template: <think> \n\n </think> \n\n
+THINK_BLOCK_IDS = (151667, 271, 151668, 271)
 #: Ids at or above this value are special tokens in Qwen3's vocabulary.
 FIRST_SPECIAL_ID = ENDOFTEXT
 
@@ -55,6 +57,10 @@ def classify_ids(ids: Sequence[int]) -> torch.Tensor:
     if ids[-1] == ENDOFTEXT and n > 1:
         labels[-1] = int(TokenClass.APPENDED_EOS)
         end = n - 1
+    t = len(THINK_BLOCK_IDS)
+    if end >= t and tuple(ids[end - t:end]) == THINK_BLOCK_IDS:
+        labels[end - t:end] = int(TokenClass.TEMPLATE)
+        end -= t
     if tuple(ids[:p]) == TEMPLATE_PREFIX_IDS:
         labels[:p] = int(TokenClass.TEMPLATE)
     if end >= s and tuple(ids[end - s:end]) == TEMPLATE_SUFFIX_IDS:

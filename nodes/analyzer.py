@@ -26,7 +26,8 @@ from ..dimfix.fixtable import save_fix_table
 from ..dimfix.layers import LayerIndexError, plan_analysis_layers
 from ..dimfix.plots import to_image_batch
 from ..dimfix.tokens import ZIMAGE_TEMPLATE, classify_ids, classify_positions
-from .common import CATEGORY, FIX_TABLES_FOLDER, FixTableSocket, register_fix_tables_folder
+from . import comfy_access as host
+from .common import CATEGORY, FixTableSocket
 
 log = logging.getLogger(__name__)
 
@@ -42,81 +43,6 @@ def _default_prompts() -> str:
         return ""
 
 
-# ---------------------------------------------------------------------------- encoder access
-def _inner(clip, socket: str):
-    """The text model inside a CLIP that supports HF-indexed layer selection (``layer`` = list / "all")."""
-    csm = getattr(clip, "cond_stage_model", None)
-    name = getattr(csm, "clip", None)
-    inner = getattr(csm, name, None) if isinstance(name, str) else None
-    if inner is None or not hasattr(inner, "layer") or not hasattr(inner, "num_layers") \
-            or not hasattr(inner, "reset_clip_options"):
-        raise ValueError(f"{NODE}: input '{socket}' is not a single-model text encoder with selectable hidden layers "
-                         f"(got {type(csm).__name__}); use a Qwen3 CLIP, or connect conditionings to "
-                         "'reference_conditioning' / 'target_conditioning' instead")
-    return inner
-
-
-def _hf_layers(clip, socket: str) -> int:
-    """Number of HF hidden states (transformer blocks + 1) of the CLIP's text model."""
-    return int(_inner(clip, socket).num_layers) + 1
-
-
-def _token_ids(tokens) -> list[int] | None:
-    """Token ids of a one-encoder, one-section ``clip.tokenize`` result (None when not plain ids)."""
-    if not isinstance(tokens, dict) or len(tokens) != 1:
-        return None
-    sections = next(iter(tokens.values()))
-    if len(sections) != 1:
-        return None
-    ids = []
-    for item in sections[0]:
-        tok = item[0] if isinstance(item, (tuple, list)) else item
-        if isinstance(tok, bool) or not isinstance(tok, int):
-            return None  # an injected embedding: ids unknown
-        ids.append(int(tok))
-    return ids
-
-
-def encode_hidden(clip, text: str, layers: list[int] | str, socket: str) -> tuple[torch.Tensor, list[int] | None]:
-    """Hidden states ``[L, T, D]`` (float32) of ``text`` at HF ``layers`` (non-negative list or "all").
-
-    One forward; the CLIP's layer options are restored afterwards whatever happens.
-    """
-    tokens = clip.tokenize(text)
-    inner = _inner(clip, socket)
-    clip.load_model()
-    try:
-        inner.reset_clip_options()
-        inner.layer = layers
-        inner.set_clip_options({"execution_device": clip.patcher.load_device})
-        out = clip.cond_stage_model.encode_token_weights(tokens)
-    finally:
-        inner.reset_clip_options()
-    cond = out[0]
-    if cond.dim() != 4 or cond.shape[0] != 1:
-        raise ValueError(f"{NODE}: '{socket}' returned hidden states of shape {tuple(cond.shape)}; expected "
-                         "[1, layers, tokens, width] (an unsupported text encoder?)")
-    return cond[0], _token_ids(tokens)
-
-
-def _model_name(clip, socket: str) -> str:
-    """A name for the table's metadata: ``dimfix_model_name`` if a loader recorded one on the CLIP or on its
-    (clone-shared) ``cond_stage_model``, else the architecture, depth, vocabulary and width."""
-    for owner in (clip, getattr(clip, "cond_stage_model", None), _inner(clip, socket)):
-        named = getattr(owner, "dimfix_model_name", None)
-        if isinstance(named, str) and named:
-            return named
-    inner = _inner(clip, socket)
-    transformer = getattr(inner, "transformer", None)
-    shape = None
-    try:
-        shape = tuple(transformer.get_input_embeddings().weight.shape)
-    except (AttributeError, TypeError):
-        pass
-    detail = f", vocab {shape[0]}, width {shape[1]}" if shape and len(shape) == 2 else ""
-    return f"{type(transformer).__name__} ({inner.num_layers} layers{detail})"
-
-
 def _distinct(names: tuple[str, str]) -> tuple[str, str]:
     return names if names[0] != names[1] else (f"{names[0]} [reference]", f"{names[1]} [target]")
 
@@ -130,22 +56,6 @@ def _cond_name(cond, default: str) -> str:
     return str(name) if name else default
 
 
-def cap_embedder_weights(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
-    """``(gain, weight, bias, eps)`` of a Z-Image / Lumina2 MODEL's caption embedder (RMSNorm → Linear).
-
-    The module's stored weights are read (a LoRA patch on the caption embedder is not applied).
-    """
-    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
-    cap = getattr(dm, "cap_embedder", None)
-    try:
-        norm, linear = cap[0], cap[1]
-        gain, weight = norm.weight, linear.weight
-    except (TypeError, IndexError, AttributeError):
-        raise ValueError(f"{NODE}: input 'model' is not a Z-Image (Lumina2/NextDiT) diffusion model: it has no "
-                         "caption embedder 'cap_embedder' = RMSNorm -> Linear") from None
-    bias = getattr(linear, "bias", None)
-    return gain, weight, bias, getattr(norm, "eps", None)
-
 
 # ---------------------------------------------------------------------------- node
 class DimensionAnalyzer(io.ComfyNode):
@@ -153,8 +63,9 @@ class DimensionAnalyzer(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return host.schema(
             node_id="DimFixDimensionAnalyzer",
+            search_aliases=["dimfix", "fix table", "embedding analysis", "text encoder swap", "qwen3 embedding"],
             display_name="Dimension Analyzer",
             category=CATEGORY,
             description=(
@@ -242,9 +153,6 @@ class DimensionAnalyzer(io.ComfyNode):
                 token_scope: str = "content", reference=None, target=None, model=None,
                 reference_conditioning=None, target_conditioning=None, save_name: str = "",
                 overwrite: bool = False) -> io.NodeOutput:
-        import comfy.model_management
-        import comfy.utils
-
         if token_scope not in SCOPES:
             raise ValueError(f"{NODE}: token_scope must be one of {list(SCOPES)}, got {token_scope!r}")
         try:
@@ -278,9 +186,9 @@ class DimensionAnalyzer(io.ComfyNode):
             an = CorpusAnalysis(dim, layers=[int(layer)], thresholds=thresholds, scope=token_scope,
                                 reference_layer=None if int(reference_layer) == int(layer) else int(reference_layer))
             _set_dit(an, model)
-            pbar = comfy.utils.ProgressBar(len(ref_items))
+            pbar = host.progress(len(ref_items))
             for i, (r, t) in enumerate(zip(ref_items, tgt_items)):
-                comfy.model_management.throw_exception_if_processing_interrupted()
+                host.check_interrupt()
                 r_lab = classify_positions(r.shape[0], appended_eos=False)
                 t_lab = classify_positions(t.shape[0], appended_eos=t.shape[0] == r.shape[0] + 1)
                 an.add_prompt(r.unsqueeze(0), t.unsqueeze(0), r_lab, t_lab, prompt=f"conditioning {i}")
@@ -296,17 +204,19 @@ class DimensionAnalyzer(io.ComfyNode):
             corpus = load_default_corpus() if not text.strip() else parse_corpus(text, source="prompts")
             for note in corpus.notes:
                 log.info("%s: %s", NODE, note)
-            n_ref, n_tgt = _hf_layers(reference, "reference"), _hf_layers(target, "target")
+            n_ref = host.depth(reference, "reference", NODE) + 1
+            n_tgt = host.depth(target, "target", NODE) + 1
             try:
                 lp = plan_analysis_layers(layer, reference_layer, n_tgt, n_ref, bool(sweep_all_layers))
             except LayerIndexError as e:
                 raise ValueError(f"{NODE}: {e}") from None
             an = None
-            pbar = comfy.utils.ProgressBar(len(corpus.prompts))
+            pbar = host.progress(len(corpus.prompts))
             for prompt in corpus.prompts:
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                r, r_ids = encode_hidden(reference, prompt, lp.select_reference, "reference")
-                t, t_ids = encode_hidden(target, prompt, lp.select_target, "target")
+                host.check_interrupt()
+                r, r_ids = host.encode_layers(reference, prompt, _positions(lp.select_reference, n_ref), "reference",
+                                              NODE)
+                t, t_ids = host.encode_layers(target, prompt, _positions(lp.select_target, n_tgt), "target", NODE)
                 if r.shape[-1] != t.shape[-1]:
                     raise ValueError(f"{NODE}: the encoders have different widths (reference {r.shape[-1]}, target "
                                      f"{t.shape[-1]}); a fix table needs the same hidden size")
@@ -317,13 +227,13 @@ class DimensionAnalyzer(io.ComfyNode):
                 an.add_prompt(r, t, _labels(r_ids, r.shape[1]), _labels(t_ids, t.shape[1]), prompt=prompt,
                               ref_ids=r_ids, tgt_ids=t_ids)
                 pbar.update(1)
-            names = (_model_name(reference, "reference"), _model_name(target, "target"))
+            names = (host.model_name(reference, "reference", NODE), host.model_name(target, "target", NODE))
             template = ZIMAGE_TEMPLATE
 
         names = _distinct(names)
         result = an.finish(reference_model=names[0], target_model=names[1])
         table = result.fix_table(template=template)
-        report = result.report_markdown()
+        report = result.report_markdown() + _vl_note(reference, target, cond_mode)
         images = to_image_batch(result.plots())
         if dest is not None:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -335,6 +245,21 @@ class DimensionAnalyzer(io.ComfyNode):
         return io.NodeOutput(table, report, images, ui=ui.PreviewImage(images, cls=cls))
 
 
+def _vl_note(reference, target, cond_mode: bool) -> str:
+    if cond_mode:
+        return ""
+    sides = [side for side, clip in (("reference", reference), ("target", target))
+             if host.text_model_kind(clip) == "Qwen3-VL"]
+    if not sides:
+        return ""
+    return (f"\n**Qwen3-VL:** the {' and '.join(sides)} encoder is a core Qwen3-VL CLIP: {host.VL_NOTE}; its 4 think "
+            "tokens count as template tokens here. Z-Image was trained on Qwen3-4B without them.\n")
+
+
+def _positions(select: list[int] | str, n_states: int) -> list[int]:
+    return list(range(n_states)) if select == "all" else sorted(set(select))
+
+
 def _labels(ids: list[int] | None, n: int) -> torch.Tensor:
     return classify_ids(ids) if ids is not None else classify_positions(n)
 
@@ -342,7 +267,7 @@ def _labels(ids: list[int] | None, n: int) -> torch.Tensor:
 def _set_dit(an: CorpusAnalysis, model) -> None:
     if model is None:
         return
-    gain, weight, bias, eps = cap_embedder_weights(model)
+    gain, weight, bias, eps = host.caption_embedder(model, NODE)
     if gain.shape[-1] != an.dim:
         raise ValueError(f"{NODE}: input 'model' takes {gain.shape[-1]}-dim caption features but the encoders have "
                          f"{an.dim} dims (connect the Z-Image model this text encoder is meant for)")
@@ -366,8 +291,6 @@ def _dest_state(save_name: str) -> tuple | None:
 
 def _save_path(save_name: str, overwrite: bool) -> str | None:
     """``<models_dir>/fix_tables/<save_name>.safetensors``, or None; refuses bad names and silent overwrites."""
-    import folder_paths
-
     name = (save_name or "").strip()
     if not name:
         return None
@@ -376,8 +299,8 @@ def _save_path(save_name: str, overwrite: bool) -> str | None:
     if not _SAVE_NAME_RE.match(name) or ".." in name:
         raise ValueError(f"{NODE}: save_name {save_name!r} is not a plain file name; use letters, digits, '.', '_', "
                          "'-' and spaces (no folders); the table goes to models/fix_tables/<save_name>.safetensors")
-    register_fix_tables_folder()
-    dest = os.path.join(folder_paths.models_dir, FIX_TABLES_FOLDER, name + ".safetensors")
+    host.register_fix_tables_folder()
+    dest = os.path.join(host.fix_tables_save_dir(), name + ".safetensors")
     if os.path.exists(dest) and not overwrite:
         raise ValueError(f"{NODE}: {dest} already exists; set 'overwrite' to true to replace it, or choose another "
                          "save_name")

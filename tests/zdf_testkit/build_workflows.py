@@ -103,7 +103,7 @@ def substitute_clip(g: Graph, pos):
 
 
 #: Widget values of the Qwen3 Embedding Loader in the bundled workflows.
-LOADER_WIDGETS = {"model_name": SUBSTITUTE, "dtype": "default", "append_eos": False}
+LOADER_WIDGETS = {"model_name": SUBSTITUTE, "dtype": "default", "append_eos": False, "analysis_only": False}
 
 
 def vae_loader(g: Graph, pos):
