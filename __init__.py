@@ -6,6 +6,8 @@ pack without a ComfyUI install.
 """
 
 __version__ = "0.1.0"
+#: Served to the frontend: help pages (docs/) and the Analyzer's report preview (js/).
+WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():

@@ -242,7 +242,8 @@ class DimensionAnalyzer(io.ComfyNode):
             log.info("%s: saved fix table to %s", NODE, saved)
         for w in result.warnings[:20]:
             log.warning("%s: %s", NODE, w)
-        return io.NodeOutput(table, report, images, ui=ui.PreviewImage(images, cls=cls))
+        # the plots as the node's image preview, the report as its text (markdown on frontends that render it)
+        return io.NodeOutput(table, report, images, ui={**ui.PreviewImage(images, cls=cls).as_dict(), "text": [report]})
 
 
 def _vl_note(reference, target, cond_mode: bool) -> str:

@@ -163,7 +163,7 @@ def test_table_equals_core_stats_on_stock_conditioning(node, pack, clips, captur
     assert res.comparison.outliers == comp.outliers and res.comparison.std_pearson == comp.std_pearson
     assert "| outlier dims |" in report and "## Most different dimensions" in report
     assert images.ndim == 4 and images.shape[0] == 5 and images.shape[-1] == 3
-    assert out.ui is not None
+    assert out.ui["text"] == [report] and len(out.ui["images"]) == 5 and out.ui["images"][0]["type"] == "temp"
     # the CLIP's layer options were restored: stock encoding still gives HF -2
     assert ref_clip.cond_stage_model.qwen3_4b.layer == "hidden"
     assert ref_clip.cond_stage_model.qwen3_4b.layer_idx == -2
