@@ -60,19 +60,18 @@ import numpy as np
 import torch
 
 from . import dit as dit_mod
+from . import rules
 from .compare import Comparison, Verdict, compare, consistency, verdict
 from .config import Thresholds
 from .fixtable import PERCENTILES, FixTable, FixTableMeta, percentile_name, utc_now_iso
 from .stats import DEFAULT_SAMPLE_ROWS, DimStats
-from .tokens import ZIMAGE_TEMPLATE, TokenClass, scope_mask
+from .tokens import SCOPES, ZIMAGE_TEMPLATE, TokenClass, scope_mask
 
 __all__ = ["CorpusAnalysis", "AnalysisResult", "LayerResult", "DEFAULT_LAYER"]
 
 #: The Z-Image default: HF ``hidden_states[-2]`` of Qwen3-4B.
 DEFAULT_LAYER = -2
 _F64 = torch.float64
-_TINY = torch.finfo(_F64).tiny
-_SCOPES = ("content", "no_sink", "all")
 _TOP_ROWS = 20
 _MAX_LISTED = 60
 
@@ -117,14 +116,6 @@ def _slice_stats(big: DimStats, j: int, dim: int) -> DimStats:
     return out
 
 
-def _median_last(s: torch.Tensor) -> torch.Tensor:
-    """True median over the last axis (mean of the two middle values for even length), keepdim."""
-    v = s.sort(dim=-1).values
-    n = v.shape[-1]
-    mid = v[..., n // 2:n // 2 + 1]
-    return mid if n % 2 else (v[..., n // 2 - 1:n // 2] + mid) / 2
-
-
 def _std_tokens(x: torch.Tensor) -> torch.Tensor:
     """Per-layer, per-dim std (ddof=1) of ``x`` ``[L, n, D]`` (any float dtype) over its tokens, float64."""
     x64 = x.to(_F64)
@@ -133,13 +124,9 @@ def _std_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 def _ratio_flags(s_ref: torch.Tensor, s_tgt: torch.Tensor, th: Thresholds) -> torch.Tensor:
-    """Two-sided outlier flags ``[L, D]`` from per-layer σ ``[L, D]``, with the ratio rule of ``dimfix.compare``."""
-    pooled = torch.cat([s_ref.expand_as(s_tgt), s_tgt], -1)  # [L, 2D]: the eps of both models' σ
-    eps = th.eps_rel * _median_last(pooled)
-    eps = torch.where(eps > 0, eps, th.eps_rel * pooled.amax(-1, keepdim=True))
-    eps = torch.where(torch.isfinite(eps), eps.clamp_min(_TINY), torch.full_like(eps, _TINY))
-    r = (s_tgt + eps) / (s_ref + eps)
-    return (r > th.outlier_ratio) | (r < 1.0 / th.outlier_ratio)
+    """Two-sided outlier flags ``[L, D]`` from per-layer σ ``[L, D]`` (``s_ref`` may be ``[1, D]``)."""
+    high, low = rules.outliers(rules.std_ratio(s_tgt, s_ref, th.eps_rel), th.outlier_ratio)
+    return high | low
 
 
 @dataclass
@@ -472,8 +459,8 @@ class CorpusAnalysis:
                  reference_layer: int | None = None) -> None:
         if int(dim) < 1:
             raise ValueError(f"CorpusAnalysis: dim must be >= 1, got {dim}")
-        if scope not in _SCOPES:
-            raise ValueError(f"CorpusAnalysis: scope must be one of {list(_SCOPES)}, got {scope!r}")
+        if scope not in SCOPES:
+            raise ValueError(f"CorpusAnalysis: token scope must be one of {list(SCOPES)}, got {scope!r}")
         if not isinstance(thresholds, Thresholds):
             raise TypeError("CorpusAnalysis: thresholds must be a dimfix.config.Thresholds")
         self.dim = int(dim)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import tokens
+from . import rules, tokens
 from .config import Thresholds
 from .fixtable import FixTable
 
@@ -59,15 +59,6 @@ SEED_MODES = ("none", "rescale", "mask", "clamp", "full")
 IMPROVED_MODES = ("affine", "mask_mean", "clamp_pct")
 MODES = SEED_MODES + IMPROVED_MODES
 SCOPES = ("all", "content", "no_sink")
-
-#: Absolute σ guards of the original research (ratio denominator; rescale/full skip).
-LEGACY_STD_EPS = 1e-6
-
-
-def lower_median(x: torch.Tensor) -> torch.Tensor:
-    """Lower median (``torch.median`` semantics, as the original research used)."""
-    return torch.median(x)
-
 
 @dataclass(frozen=True)
 class DimFlags:
@@ -94,24 +85,16 @@ class DimFlags:
         return self.target_hyper & ~self.reference_hyper
 
 
-def _dead(std: torch.Tensor, th: Thresholds) -> torch.Tensor:
-    return (std < th.dead_abs) | (std < th.dead_rel * lower_median(std))
-
-
-def _hyper(std: torch.Tensor, th: Thresholds) -> torch.Tensor:
-    return std > th.hyper_mult * lower_median(std)
-
-
 def classify_dims(table: FixTable, thresholds: Thresholds | None = None) -> DimFlags:
     """Outlier (two-sided std ratio), dead and hyperactive dims of the table, in float64."""
     th = thresholds or table.meta.thresholds
     s_ref = table.reference_std.double()
     s_tgt = table.target_std.double()
-    q = torch.where(s_ref < LEGACY_STD_EPS, torch.ones_like(s_ref), s_ref)
-    ratio = s_tgt / q
-    return DimFlags(ratio=ratio, high=ratio > th.outlier_ratio, low=ratio < 1.0 / th.outlier_ratio,
-                    target_dead=_dead(s_tgt, th), reference_dead=_dead(s_ref, th),
-                    target_hyper=_hyper(s_tgt, th), reference_hyper=_hyper(s_ref, th))
+    ratio = rules.std_ratio(s_tgt, s_ref, origin=True)
+    high, low = rules.outliers(ratio, th.outlier_ratio)
+    return DimFlags(ratio=ratio, high=high, low=low,
+                    target_dead=rules.dead(s_tgt, th, lower=True), reference_dead=rules.dead(s_ref, th, lower=True),
+                    target_hyper=rules.hyper(s_tgt, th, lower=True), reference_hyper=rules.hyper(s_ref, th, lower=True))
 
 
 @dataclass(frozen=True)
@@ -204,13 +187,13 @@ def plan_fix(table: FixTable, mode: str, strength: float = 1.0, thresholds: Thre
     lo = hi = None
     notes: tuple[str, ...] = ()
     flags = classify_dims(table, th) if mode not in ("none", "full", "affine") else None
-    usable = sd_t > LEGACY_STD_EPS
+    usable = sd_t > rules.ORIGIN_STD_EPS
 
     if mode in ("rescale", "mask", "clamp"):
         sel = flags.outlier & usable
         scale[sel] = sd_r[sel] / sd_t[sel]
         if mode in ("mask", "clamp"):  # the origin's dead rule: σ < dead_abs only (no relative rule)
-            dead = (sd_t < th.dead_abs) & ~(sd_r < th.dead_abs)
+            dead = rules.dead(sd_t, th, absolute_only=True) & ~rules.dead(sd_r, th, absolute_only=True)
             scale[dead] = 0.0
             shift[dead] = 0.0
         if mode == "clamp":

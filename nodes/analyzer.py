@@ -25,13 +25,12 @@ from ..dimfix.corpus import default_corpus_path, load_default_corpus, parse_corp
 from ..dimfix.fixtable import save_fix_table
 from ..dimfix.layers import LayerIndexError, plan_analysis_layers
 from ..dimfix.plots import to_image_batch
-from ..dimfix.tokens import ZIMAGE_TEMPLATE, classify_ids, classify_positions
+from ..dimfix.tokens import SCOPES, ZIMAGE_TEMPLATE, classify_ids, classify_positions
 from .common import CATEGORY, FIX_TABLES_FOLDER, FixTableSocket, register_fix_tables_folder
 
 log = logging.getLogger(__name__)
 
 NODE = "Dimension Analyzer"
-SCOPES = ("content", "no_sink", "all")
 _SAVE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
 
 

@@ -11,12 +11,12 @@ from ..dimfix import conditioning as cond_utils
 from ..dimfix import fixes
 from ..dimfix.config import Thresholds
 from ..dimfix.fixtable import FixTable, load_fix_table
+from ..dimfix.tokens import SCOPES
 from .common import CATEGORY, FixTableSocket, fix_table_files, fix_table_path
 
 log = logging.getLogger(__name__)
 
 NO_FILE = "none"
-SCOPES = ("content", "no_sink", "all")
 DEFAULT_MODE = "affine"
 
 

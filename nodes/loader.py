@@ -17,12 +17,12 @@ from ..dimfix.checkpoint import (CheckpointError, Qwen3Checkpoint, fingerprint_p
                                  read_qwen3_checkpoint, resolve_entry)
 from ..dimfix.conditioning import LAYER_KEY, MODEL_KEY
 from ..dimfix.layers import comfy_to_hf_layer
+from ..dimfix.tokens import ZIMAGE_WIDTH
 from .common import CATEGORY
 
 log = logging.getLogger(__name__)
 
 NODE = "Qwen3 Embedding Loader"
-ZIMAGE_WIDTH = 2560
 DTYPES = {"default": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 #: ``SDTokenizer`` option (``{embedding_key}_min_padding``): pad tokens appended after the template.
 APPEND_OPTION = "qwen3_4b_min_padding"

@@ -5,7 +5,7 @@ import torch
 
 from dimfix import dit
 from dimfix.analysis import CorpusAnalysis
-from dimfix.compare import outlier_flags, per_token_cosine
+from dimfix.compare import compare
 from dimfix.config import Thresholds
 from dimfix.fixtable import load_fix_table, save_fix_table
 from dimfix.stats import DimStats
@@ -13,6 +13,21 @@ from dimfix.tokens import (ENDOFTEXT, TEMPLATE_PREFIX_IDS, TEMPLATE_SUFFIX_IDS, 
                            classify_positions, scope_mask)
 
 D = 16
+
+
+def per_token_cosine(a, b, mask=None):
+    """Independent numpy reference: cosine of aligned tokens a[i], b[i] (i < min(T, T2)), masked."""
+    n = min(a.shape[0], b.shape[0])
+    x, y = a[:n].double().numpy(), b[:n].double().numpy()
+    if mask is not None:
+        x, y = x[mask[:n].numpy()], y[mask[:n].numpy()]
+    return torch.from_numpy((x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)))
+
+
+def outlier_flags(a, b):
+    flags = torch.zeros(a.dim, dtype=torch.bool)
+    flags[compare(a, b).outliers] = True
+    return flags
 
 
 def _prompt(gen, n_content, layers=1, dim=D, sink=1e4):
@@ -120,7 +135,7 @@ def assert_same_comparison(got, one):
 
 def test_per_prompt_flags_follow_the_compare_ratio_rule():
     from dimfix.analysis import _ratio_flags, _std_tokens
-    from dimfix.compare import std_ratio
+    from dimfix.rules import std_ratio
 
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(3, 9, 40, generator=gen, dtype=torch.float64) * torch.rand(40, generator=gen, dtype=torch.float64)
