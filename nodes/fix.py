@@ -140,7 +140,7 @@ class EmbeddingDimensionFix(io.ComfyNode):
         check_width(conditioning, table, "conditioning")
         warn_provenance(table, conditioning, token_scope, node)
         th = thresholds_for(table, outlier_ratio, hyper_mult, clamp_sigma)
-        plan = fixes.cached_plan(table, mode, strength, th)  # fallbacks (e.g. no percentiles) are logged
+        plan = fixes.plan_fix(table, mode, strength, th)  # fallbacks (e.g. no percentiles) are logged
 
         def fix(t, _meta):
             return fixes.apply_scoped(t, plan, token_scope)
