@@ -653,37 +653,6 @@ class CorpusAnalysis:
         self._notes.extend(notes)
         self._prompts += 1
 
-    # ------------------------------------------------------------------ merge
-    def merge(self, other: "CorpusAnalysis") -> "CorpusAnalysis":
-        """A new analysis equal to feeding this one's prompts, then ``other``'s (both unchanged)."""
-        if not isinstance(other, CorpusAnalysis):
-            raise TypeError(f"merge: expected a CorpusAnalysis, got {type(other).__name__}")
-        same = (self.dim, self.layers, self.reference_layer, self.primary, self.scope, self.thresholds,
-                self.sample_rows)
-        theirs = (other.dim, other.layers, other.reference_layer, other.primary, other.scope, other.thresholds,
-                  other.sample_rows)
-        if same != theirs:
-            raise ValueError("merge: the analyses differ in dim, layers, reference layer, primary layers, scope, "
-                             "thresholds or sample_rows")
-        out = CorpusAnalysis(self.dim, self.layers if self.stacked else None, self.thresholds, self.scope,
-                             self.primary, self.sample_rows, self.seed, reference_layer=self.reference_layer)
-        for side in ("ref", "tgt"):
-            out._full[side] = [a.merge(b) for a, b in zip(self._full[side], other._full[side])]
-            if self._sidx[side]:
-                out._bulk[side] = self._bulk[side].merge(other._bulk[side])
-            out._csum[side] = self._csum[side] + other._csum[side]
-            out._ccount[side] = self._ccount[side] + other._ccount[side]
-        out._flags = list(self._flags) + list(other._flags)
-        out._cos_sum = self._cos_sum + other._cos_sum
-        out._cos_n = self._cos_n + other._cos_n
-        out._cap_sum = self._cap_sum + other._cap_sum
-        out._cap_n = self._cap_n + other._cap_n
-        out._prompt_cos = list(self._prompt_cos) + [(i + self._prompts, p, v) for i, p, v in other._prompt_cos]
-        out._notes = list(self._notes) + list(other._notes)
-        out._prompts = self._prompts + other._prompts
-        out._dit = self._dit if self._dit is not None else other._dit
-        return out
-
     # ------------------------------------------------------------------ finish
     def _scope_stats(self, side: str, k: int) -> DimStats:
         """Scope statistics of ``side`` at HF layer ``k``."""

@@ -18,7 +18,6 @@ overwrite an existing file unless asked to. Loading validates everything and rai
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -71,26 +70,6 @@ def percentile_name(side: str, q: float) -> str:
 def utc_now_iso() -> str:
     """Current UTC time as ISO-8601 with a ``Z`` suffix, second precision."""
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def model_fingerprint(path: str | os.PathLike, name: str | None = None, length: int = 12) -> str:
-    """``"<name>@sha256:<first length hex digits>"`` of a checkpoint file.
-
-    For a folder (a sharded Hugging Face checkpoint) the ``*.index.json`` file is hashed if there is
-    one, else ``config.json``; ``name`` defaults to the file or folder name.
-    """
-    p = Path(path)
-    target = p
-    if p.is_dir():
-        candidates = sorted(p.glob("*.index.json")) or sorted(p.glob("config.json"))
-        if not candidates:
-            raise FileNotFoundError(f"{p}: no *.index.json or config.json to fingerprint")
-        target = candidates[0]
-    digest = hashlib.sha256()
-    with open(target, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return f"{name or p.name}@sha256:{digest.hexdigest()[:length]}"
 
 
 @dataclass

@@ -22,7 +22,6 @@ __all__ = [
     "top_outlier_bars",
     "class_counts",
     "layer_heatmap",
-    "token_cosine_bars",
     "to_image_batch",
 ]
 
@@ -308,38 +307,6 @@ def layer_heatmap(std: Any, layer_labels: Sequence[str] | None = None,
     ax.set_yticklabels([layer_labels[i] for i in ticks], fontsize=8)
     ax.set_xlabel("dimension")
     ax.set_ylabel("layer")
-    fig.tight_layout()
-    return _render(fig)
-
-
-def token_cosine_bars(values: Sequence[float], labels: Sequence[str],
-                      title: str = "Per-prompt similarity to the reference",
-                      ylabel: str = "cosine similarity", size: tuple[int, int] = DEFAULT_SIZE) -> np.ndarray:
-    """Bars of one value per prompt (e.g. cosine similarity), labels shortened to fit; NaN shown as 'n/a'."""
-    vals = _vector(np.asarray(list(values), dtype=np.float64), "values")
-    labels = [str(v) for v in labels]
-    if len(labels) != vals.size:
-        raise ValueError(f"token_cosine_bars: {vals.size} values but {len(labels)} labels")
-    fig = _figure(size)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.set_title(title, fontsize=12)
-    if vals.size == 0:
-        _empty_note(ax, "no values to show")
-        return _render(fig)
-    finite = np.isfinite(vals)
-    heights = np.where(finite, vals, 0.0)
-    x = np.arange(vals.size)
-    ax.bar(x, heights, color=np.where(heights >= 0, "#9467bd", "#c44e52").tolist())
-    for xi, v, ok in zip(x, vals, finite):
-        ax.text(xi, v if ok else 0.0, f"{v:.3f}" if ok else "n/a", ha="center", va="bottom", fontsize=8)
-    short = [lab if len(lab) <= 28 else lab[:27] + "…" for lab in labels]
-    ax.set_xticks(x)
-    ax.set_xticklabels(short, rotation=30 if vals.size > 4 else 0, ha="right" if vals.size > 4 else "center",
-                       fontsize=8)
-    if finite.any() and heights.min() >= 0 and heights.max() <= 1:
-        ax.set_ylim(0, 1.05)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return _render(fig)
 

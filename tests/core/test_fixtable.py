@@ -187,17 +187,6 @@ def test_missing_directory_is_reported(tmp_path):
         save_fix_table(make_table(), tmp_path / "nope" / "t.safetensors")
 
 
-def test_model_fingerprint(tmp_path):
-    import hashlib
-
-    f = tmp_path / "model.safetensors"
-    f.write_bytes(b"weights")
-    assert fixtable.model_fingerprint(f, "Qwen3-4B") == "Qwen3-4B@sha256:" + hashlib.sha256(b"weights").hexdigest()[:12]
-    (tmp_path / "shards").mkdir()
-    (tmp_path / "shards" / "model.safetensors.index.json").write_text("{}")
-    assert fixtable.model_fingerprint(tmp_path / "shards").startswith(
-        "shards@sha256:" + hashlib.sha256(b"{}").hexdigest()[:12])
-
 
 def test_reference_layer_round_trip_and_default():
     assert FixTableMeta().reference_layer == -2
