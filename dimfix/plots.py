@@ -22,6 +22,7 @@ __all__ = [
     "top_outlier_bars",
     "class_counts",
     "layer_heatmap",
+    "analysis_figures",
     "to_image_batch",
 ]
 
@@ -309,6 +310,36 @@ def layer_heatmap(std: Any, layer_labels: Sequence[str] | None = None,
     ax.set_ylabel("layer")
     fig.tight_layout()
     return _render(fig)
+
+
+def analysis_figures(result: Any) -> list[np.ndarray]:
+    """The figures of an :class:`~dimfix.result.AnalysisResult` (uint8 RGB ``[H, W, 3]``): ratio histogram,
+    σ scatter, top outliers, dimension and token classes, and for sweeps a layer × dim heatmap of the
+    target's σ."""
+    from .report import pair_label, short
+
+    res = result.result()
+    c = res.comparison
+    tau = result.thresholds.outlier_ratio
+    where = pair_label(res.layer, res.reference_layer)
+    models = (short(result.reference_model, 30), short(result.target_model, 30))
+    counts = result.class_counts
+    images = [
+        ratio_histogram(np.log10(_vector(c.ratio, "ratio")), tau=tau,
+                        title=f"log10(σ_target / σ_reference), {where}, {result.token_scope} tokens"),
+        sigma_scatter(c.sigma_ref, c.sigma_tgt, tau=tau,
+                      title=f"Per-dimension σ: {models[1]} vs {models[0]} ({where})"),
+        top_outlier_bars(c.ratio, n=10, tau=tau),
+        class_counts({"dead": [len(c.dead_ref), len(c.dead_tgt)], "hyperactive": [len(c.hyper_ref), len(c.hyper_tgt)]},
+                     labels=models, title="Dimension classes"),
+        class_counts({k: [counts["reference"][k], counts["target"][k]] for k in counts["reference"]},
+                     labels=models, title="Tokens per class", ylabel="tokens"),
+    ]
+    if result.is_sweep:
+        std = np.stack([_vector(result.results[k].comparison.sigma_tgt, "sigma_tgt") for k in result.layers])
+        images.append(layer_heatmap(std, [str(k) for k in result.layers],
+                                    title=f"Target per-dimension σ by layer (log10(σ + 1)), {result.token_scope} tokens"))
+    return images
 
 
 def to_image_batch(arrays: Sequence[np.ndarray]) -> Any:

@@ -18,8 +18,7 @@ import re
 import torch
 from comfy_api.latest import io, ui
 
-from ..dimfix import conditioning as cond_utils
-from ..dimfix.analysis import CorpusAnalysis
+from ..dimfix.analysis import CorpusAnalysis, analyze_conditioning_pairs
 from ..dimfix.config import Thresholds
 from ..dimfix.corpus import default_corpus_path, load_default_corpus, parse_corpus
 from ..dimfix.fixtable import save_fix_table
@@ -263,27 +262,16 @@ class DimensionAnalyzer(io.ComfyNode):
                                  "hold one layer only")
             if reference is not None or target is not None:
                 log.info("%s: conditioning pair connected; the encoder inputs are not used", NODE)
-            ref_items = cond_utils.sequences(reference_conditioning, "reference_conditioning", NODE)
-            tgt_items = cond_utils.sequences(target_conditioning, "target_conditioning", NODE)
-            if len(ref_items) != len(tgt_items):
-                raise ValueError(f"{NODE}: 'reference_conditioning' holds {len(ref_items)} sequences but "
-                                 f"'target_conditioning' {len(tgt_items)}; they are paired one to one")
-            widths = {int(x.shape[-1]) for x in ref_items} | {int(x.shape[-1]) for x in tgt_items}
-            if len(widths) != 1:
-                raise ValueError(f"{NODE}: conditioning widths differ (reference {ref_items[0].shape[-1]}, target "
-                                 f"{tgt_items[0].shape[-1]}, all: {sorted(widths)}); both must come from encoders "
-                                 "of the same hidden size")
-            dim = widths.pop()
-            an = CorpusAnalysis(dim, layers=[int(layer)], thresholds=thresholds, scope=token_scope,
-                                reference_layer=None if int(reference_layer) == int(layer) else int(reference_layer))
-            _set_dit(an, model)
-            pbar = comfy.utils.ProgressBar(len(ref_items))
-            for i, (r, t) in enumerate(zip(ref_items, tgt_items)):
+            pbar = comfy.utils.ProgressBar(1)
+
+            def step(done: int, total: int) -> None:
+                pbar.update_absolute(done, total)
                 comfy.model_management.throw_exception_if_processing_interrupted()
-                r_lab = classify_positions(r.shape[0], appended_eos=False)
-                t_lab = classify_positions(t.shape[0], appended_eos=t.shape[0] == r.shape[0] + 1)
-                an.add_prompt(r.unsqueeze(0), t.unsqueeze(0), r_lab, t_lab, prompt=f"conditioning {i}")
-                pbar.update(1)
+
+            an = analyze_conditioning_pairs(reference_conditioning, target_conditioning, layer=int(layer),
+                                            reference_layer=int(reference_layer), thresholds=thresholds,
+                                            token_scope=token_scope, cap_weights=_cap_weights(model), node=NODE,
+                                            step=step)
             names = (_cond_name(reference_conditioning, "reference conditioning"),
                      _cond_name(target_conditioning, "target conditioning"))
             template = ""
@@ -291,31 +279,8 @@ class DimensionAnalyzer(io.ComfyNode):
             if reference is None or target is None:
                 raise ValueError(f"{NODE}: connect both text encoders 'reference' and 'target', or the conditioning "
                                  "pair 'reference_conditioning' / 'target_conditioning'")
-            text = prompts if isinstance(prompts, str) else ""
-            corpus = load_default_corpus() if not text.strip() else parse_corpus(text, source="prompts")
-            for note in corpus.notes:
-                log.info("%s: %s", NODE, note)
-            n_ref, n_tgt = _hf_layers(reference, "reference"), _hf_layers(target, "target")
-            try:
-                lp = plan_analysis_layers(layer, reference_layer, n_tgt, n_ref, bool(sweep_all_layers))
-            except LayerIndexError as e:
-                raise ValueError(f"{NODE}: {e}") from None
-            an = None
-            pbar = comfy.utils.ProgressBar(len(corpus.prompts))
-            for prompt in corpus.prompts:
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                r, r_ids = encode_hidden(reference, prompt, lp.select_reference, "reference")
-                t, t_ids = encode_hidden(target, prompt, lp.select_target, "target")
-                if r.shape[-1] != t.shape[-1]:
-                    raise ValueError(f"{NODE}: the encoders have different widths (reference {r.shape[-1]}, target "
-                                     f"{t.shape[-1]}); a fix table needs the same hidden size")
-                if an is None:
-                    an = CorpusAnalysis(r.shape[-1], layers=lp.labels, thresholds=thresholds, scope=token_scope,
-                                        primary_layers=[lp.primary], reference_layer=lp.reference_layer)
-                    _set_dit(an, model)
-                an.add_prompt(r, t, _labels(r_ids, r.shape[1]), _labels(t_ids, t.shape[1]), prompt=prompt,
-                              ref_ids=r_ids, tgt_ids=t_ids)
-                pbar.update(1)
+            an = _encoder_analysis(reference, target, prompts, layer, reference_layer, bool(sweep_all_layers),
+                                   thresholds, token_scope, model)
             names = (_model_name(reference, "reference"), _model_name(target, "target"))
             template = ZIMAGE_TEMPLATE
 
@@ -334,18 +299,47 @@ class DimensionAnalyzer(io.ComfyNode):
         return io.NodeOutput(table, report, images, ui=ui.PreviewImage(images, cls=cls))
 
 
+def _encoder_analysis(reference, target, prompts: str, layer: int, reference_layer: int, sweep: bool,
+                      thresholds: Thresholds, token_scope: str, model) -> CorpusAnalysis:
+    """Encode every corpus prompt with both encoders (one forward each) and feed the analysis."""
+    import comfy.model_management
+    import comfy.utils
+
+    text = prompts if isinstance(prompts, str) else ""
+    corpus = load_default_corpus() if not text.strip() else parse_corpus(text, source="prompts")
+    for note in corpus.notes:
+        log.info("%s: %s", NODE, note)
+    n_ref, n_tgt = _hf_layers(reference, "reference"), _hf_layers(target, "target")
+    try:
+        lp = plan_analysis_layers(layer, reference_layer, n_tgt, n_ref, sweep)
+    except LayerIndexError as e:
+        raise ValueError(f"{NODE}: {e}") from None
+    an = None
+    pbar = comfy.utils.ProgressBar(len(corpus.prompts))
+    for prompt in corpus.prompts:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        r, r_ids = encode_hidden(reference, prompt, lp.select_reference, "reference")
+        t, t_ids = encode_hidden(target, prompt, lp.select_target, "target")
+        if r.shape[-1] != t.shape[-1]:
+            raise ValueError(f"{NODE}: the encoders have different widths (reference {r.shape[-1]}, target "
+                             f"{t.shape[-1]}); a fix table needs the same hidden size")
+        if an is None:
+            an = CorpusAnalysis(r.shape[-1], layers=lp.labels, thresholds=thresholds, token_scope=token_scope,
+                                primary_layers=[lp.primary], reference_layer=lp.reference_layer)
+            if model is not None:
+                an.set_dit(*_cap_weights(model))
+        an.add_prompt(r, t, _labels(r_ids, r.shape[1]), _labels(t_ids, t.shape[1]), prompt=prompt,
+                      ref_ids=r_ids, tgt_ids=t_ids)
+        pbar.update(1)
+    return an
+
+
 def _labels(ids: list[int] | None, n: int) -> torch.Tensor:
     return classify_ids(ids) if ids is not None else classify_positions(n)
 
 
-def _set_dit(an: CorpusAnalysis, model) -> None:
-    if model is None:
-        return
-    gain, weight, bias, eps = cap_embedder_weights(model)
-    if gain.shape[-1] != an.dim:
-        raise ValueError(f"{NODE}: input 'model' takes {gain.shape[-1]}-dim caption features but the encoders have "
-                         f"{an.dim} dims (connect the Z-Image model this text encoder is meant for)")
-    an.set_dit(gain, weight, bias, eps)
+def _cap_weights(model) -> tuple | None:
+    return None if model is None else cap_embedder_weights(model)
 
 
 def _dest_state(save_name: str) -> tuple | None:

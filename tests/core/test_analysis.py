@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dimfix import dit
-from dimfix.analysis import CorpusAnalysis
+from dimfix.analysis import CorpusAnalysis, analyze_conditioning_pairs
 from dimfix.compare import compare
 from dimfix.config import Thresholds
 from dimfix.fixtable import load_fix_table, save_fix_table
@@ -98,7 +98,7 @@ def test_table_equals_direct_dimstats_on_concatenated_content_tokens(tmp_path):
 def test_scope_all_and_no_sink_tables_cover_those_tokens():
     corpus = _corpus(n_prompts=4)
     for scope in ("all", "no_sink"):
-        table = _run(corpus, scope=scope).finish().fix_table()
+        table = _run(corpus, token_scope=scope).finish().fix_table()
         direct = DimStats(D)
         direct.update(_content_concat(corpus, "ref", scope=scope))
         assert torch.equal(table.reference_std, direct.float32()[1])
@@ -308,7 +308,7 @@ def test_bad_shapes_and_labels_are_refused():
     with pytest.raises(ValueError, match="unknown token classes"):
         an.add_prompt(x, x, lab + 7, lab)
     with pytest.raises(ValueError, match="scope"):
-        CorpusAnalysis(D, scope="content_only")
+        CorpusAnalysis(D, token_scope="content_only")
     with pytest.raises(ValueError, match="primary_layers"):
         CorpusAnalysis(D, layers=[0, 1], primary_layers=[5])
 
@@ -374,7 +374,7 @@ def test_dit_aware_ranking_and_caption_space_cosine():
     assert lr.caption_cosine == pytest.approx(float(torch.cat(cos).mean()), abs=1e-6)
     md = res.report_markdown()
     assert "## DiT-aware view" in md and f"| {expected_rank[0]['dim']} |" in md
-    with pytest.raises(ValueError, match="takes 8-dim input"):
+    with pytest.raises(ValueError, match="takes 8-dim caption features"):
         CorpusAnalysis(8 + 1).set_dit(torch.ones(8), torch.ones(4, 8))
 
 
@@ -555,3 +555,48 @@ def test_token_class_plot_counts_tokens(monkeypatch):
     _run(_corpus(n_prompts=3)).finish().plots()
     assert calls == [("Dimension classes", "dims"), ("Tokens per class", "tokens")]
     assert original is not spy
+
+
+def _cond(*seqs):
+    """A CONDITIONING with one [1, T, D] entry per sequence (float32, all-ones mask)."""
+    return [[s.float().unsqueeze(0), {"pooled_output": None, "attention_mask": torch.ones(1, s.shape[0])}]
+            for s in seqs]
+
+
+def test_conditioning_pairs_equal_the_prompt_by_prompt_analysis():
+    corpus = _corpus(n_prompts=4, scale_dims=(3,))
+    steps = []
+    an = analyze_conditioning_pairs(_cond(*(r[0] for r, _, _ in corpus)), _cond(*(t[0] for _, t, _ in corpus)),
+                                    layer=-6, reference_layer=-2, step=lambda done, total: steps.append((done, total)))
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    direct = CorpusAnalysis(D, layers=[-6], reference_layer=-2)
+    for r, t, lab in corpus:
+        direct.add_prompt(r[0].float(), t[0].float().unsqueeze(0), lab, lab)
+    got, want = an.finish().result(), direct.finish().result()
+    assert (got.layer, got.reference_layer) == (-6, -2)
+    for name in ("sigma_ref", "sigma_tgt", "mean_ref", "mean_tgt"):
+        assert torch.equal(getattr(got.comparison, name), getattr(want.comparison, name)), name
+    assert got.cosine == want.cosine and got.consistent == want.consistent == [3]
+
+
+def test_conditioning_pairs_guess_an_appended_eos_and_split_batches():
+    gen = torch.Generator().manual_seed(4)
+    ref = torch.randn(2, 14, D, generator=gen)
+    tgt = torch.cat([ref * 1.5, torch.randn(2, 1, D, generator=gen) * 50], dim=1)  # one extra trailing token
+    an = analyze_conditioning_pairs([[ref, {}]], [[tgt, {}]])  # one entry, batch 2: two pairs
+    res = an.finish()
+    assert res.prompt_count == 2
+    assert res.class_counts["target"]["appended_eos"] == 2 and res.class_counts["reference"]["appended_eos"] == 0
+    assert res.result().cosine == pytest.approx(1.0, abs=1e-6)  # the EOS is left out of the aligned tokens
+    same = analyze_conditioning_pairs([[ref, {}]], [[ref * 2, {}]]).finish()
+    assert same.class_counts["target"]["appended_eos"] == 0
+
+
+def test_conditioning_pairs_reject_unpaired_or_mixed_widths():
+    a = torch.randn(1, 12, D)
+    with pytest.raises(ValueError, match="Node: 'reference_conditioning' holds 1 sequences but 'target_conditioning' 2"):
+        analyze_conditioning_pairs([[a, {}]], [[a, {}], [a, {}]], node="Node")
+    with pytest.raises(ValueError, match=r"widths differ \(reference 16, target 24"):
+        analyze_conditioning_pairs([[a, {}]], [[torch.randn(1, 12, 24), {}]])
+    with pytest.raises(ValueError, match="target_conditioning"):
+        analyze_conditioning_pairs([[a, {}]], [[torch.full((1, 12, D), float("nan")), {}]])
