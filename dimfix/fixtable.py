@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, Mapping
 import numpy as np
 import torch
 
-from .config import Thresholds
+from .config import OLD_NAMES, Thresholds
 from .safetensors_header import read_header
 
 FORMAT = "zimage-dimfix.fix-table"
@@ -115,6 +115,7 @@ class FixTableMeta:
 
     @classmethod
     def from_strings(cls, meta: Mapping[str, str], where: str = "fix table") -> "FixTableMeta":
+        meta = {OLD_NAMES.get(k, k): v for k, v in meta.items()}  # earlier key names -> their one name
         def as_int(key: str) -> int:
             text = meta.get(key, "0")
             try:

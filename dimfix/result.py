@@ -55,10 +55,6 @@ class LayerResult:
     influence: torch.Tensor | None = None
     dit_ranking: list[dict[str, float | int]] | None = None
 
-    @property
-    def has_percentiles(self) -> bool:
-        return self.reference.sample_rows > 0 and self.target.sample_rows > 0
-
 
 @dataclass
 class AnalysisResult:

@@ -87,21 +87,21 @@ def classify_positions(n_tokens: int, prefix: int = len(TEMPLATE_PREFIX_IDS),
     return labels
 
 
-def check_scope(scope: str) -> str:
-    """``scope`` if it is one of :data:`SCOPES`, else a ValueError listing them."""
-    if scope not in SCOPES:
-        raise ValueError(f"token scope must be one of {', '.join(SCOPES)}; got {scope!r}")
-    return scope
+def check_scope(token_scope: str) -> str:
+    """``token_scope`` if it is one of :data:`SCOPES`, else a ValueError listing them."""
+    if token_scope not in SCOPES:
+        raise ValueError(f"token scope must be one of {', '.join(SCOPES)}; got {token_scope!r}")
+    return token_scope
 
 
-def scope_mask(labels: torch.Tensor, scope: str) -> torch.Tensor:
+def scope_mask(labels: torch.Tensor, token_scope: str) -> torch.Tensor:
     """Boolean mask of the tokens a fix or statistic applies to.
 
-    ``scope``: ``"all"`` (every token), ``"content"`` (prompt tokens only) or
+    ``token_scope``: ``"all"`` (every token), ``"content"`` (prompt tokens only) or
     ``"no_sink"`` (everything except position 0 and an appended EOS).
     """
-    if check_scope(scope) == "all":
+    if check_scope(token_scope) == "all":
         return torch.ones_like(labels, dtype=torch.bool)
-    if scope == "content":
+    if token_scope == "content":
         return labels == int(TokenClass.CONTENT)
     return (labels != int(TokenClass.SINK)) & (labels != int(TokenClass.APPENDED_EOS))

@@ -186,9 +186,9 @@ class DimensionAnalyzer(io.ComfyNode):
                                          "the report adds a per-layer table and a recommended target layer."),
                 io.Float.Input("outlier_ratio", default=3.0, min=1.01, max=1000.0, step=0.1,
                                tooltip="τ: a dim is an outlier when σ_target/σ_reference > τ or < 1/τ."),
-                io.Float.Input("dead_threshold", default=0.01, min=0.0, max=100.0, step=0.001,
+                io.Float.Input("dead_abs", default=0.01, min=0.0, max=100.0, step=0.001,
                                tooltip="A dim is dead when its σ is below this value."),
-                io.Float.Input("hyper_multiplier", default=5.0, min=1.0, max=1000.0, step=0.5,
+                io.Float.Input("hyper_mult", default=5.0, min=1.0, max=1000.0, step=0.5,
                                tooltip="A dim is hyperactive when its σ exceeds this multiple of the model's "
                                        "median σ."),
                 io.Combo.Input("token_scope", options=list(SCOPES), default="content",
@@ -224,19 +224,19 @@ class DimensionAnalyzer(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, prompts="", layer=-2, reference_layer=-2, sweep_all_layers=False,
-                           outlier_ratio=3.0, dead_threshold=0.01, hyper_multiplier=5.0, token_scope="content",
+                           outlier_ratio=3.0, dead_abs=0.01, hyper_mult=5.0, token_scope="content",
                            save_name="", overwrite=False, **linked) -> str:
         """Widget values, plus the state of the save destination: linked inputs (encoders, model,
         conditionings) arrive as None here, so their identity cannot be part of this fingerprint; ComfyUI
         already re-runs the node when an upstream output changes (e.g. another checkpoint is loaded), and
         otherwise reuses the cached result -- unless the saved table was deleted or replaced since."""
-        key = repr((prompts, layer, reference_layer, sweep_all_layers, outlier_ratio, dead_threshold,
-                    hyper_multiplier, token_scope, save_name, overwrite, _dest_state(save_name)))
+        key = repr((prompts, layer, reference_layer, sweep_all_layers, outlier_ratio, dead_abs,
+                    hyper_mult, token_scope, save_name, overwrite, _dest_state(save_name)))
         return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
     @classmethod
     def execute(cls, prompts: str = "", layer: int = -2, reference_layer: int = -2, sweep_all_layers: bool = False,
-                outlier_ratio: float = 3.0, dead_threshold: float = 0.01, hyper_multiplier: float = 5.0,
+                outlier_ratio: float = 3.0, dead_abs: float = 0.01, hyper_mult: float = 5.0,
                 token_scope: str = "content", reference=None, target=None, model=None,
                 reference_conditioning=None, target_conditioning=None, save_name: str = "",
                 overwrite: bool = False) -> io.NodeOutput:
@@ -246,8 +246,8 @@ class DimensionAnalyzer(io.ComfyNode):
         if token_scope not in SCOPES:
             raise ValueError(f"{NODE}: token_scope must be one of {list(SCOPES)}, got {token_scope!r}")
         try:
-            thresholds = Thresholds(outlier_ratio=float(outlier_ratio), dead_abs=float(dead_threshold),
-                                    hyper_mult=float(hyper_multiplier))
+            thresholds = Thresholds(outlier_ratio=float(outlier_ratio), dead_abs=float(dead_abs),
+                                    hyper_mult=float(hyper_mult))
         except ValueError as exc:
             raise ValueError(f"{NODE}: {exc}") from None
         dest = _save_path(save_name, overwrite)

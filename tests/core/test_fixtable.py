@@ -218,6 +218,17 @@ def test_older_table_without_reference_layer_reads_it_as_layer(tmp_path):
     assert load_fix_table(tmp_path / "sweep.safetensors").meta.reference_layer == "sweep"
 
 
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_older_metadata_names_are_read_as_their_one_name(tmp_path, version):
+    base = {n: torch.ones(D) for n in fixtable.REQUIRED_TENSORS}
+    old_thresholds = json.dumps({"outlier_ratio": 4.0, "hyper_multiplier": 7.5, "dead_threshold": 0.02})
+    write_raw(tmp_path / "old.safetensors", base, {"format": fixtable.FORMAT, "version": version, "layer": "-2",
+                                                   "scope": "no_sink", "thresholds": old_thresholds})
+    meta = load_fix_table(tmp_path / "old.safetensors").meta
+    assert meta.token_scope == "no_sink"
+    assert (meta.thresholds.outlier_ratio, meta.thresholds.hyper_mult, meta.thresholds.dead_abs) == (4.0, 7.5, 0.02)
+
+
 @pytest.mark.parametrize("bad", ["last", True, 2.5, "sweep"])
 def test_invalid_reference_layer_metadata(tmp_path, bad):
     t = make_table()  # layer -6: 'sweep' is only accepted for a sweep table
