@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from . import rules
 from .result import AnalysisResult, LayerResult
 from .tokens import TokenClass
 
@@ -75,7 +76,7 @@ def _verdict(r: AnalysisResult, res: LayerResult) -> list[str]:
             f"Cosine = mean per-token cosine of {res.cosine_tokens} aligned tokens in scope; std / mean "
             "correlation = Pearson correlation of the per-dim σ / means; outlier dims = dims with "
             f"σ_tgt/σ_ref > {tau:g} or < 1/{tau:g}.", "",
-            f"Std ratio σ_tgt/σ_ref: median {_fmt(float(torch.quantile(ratio, 0.5)))}, min {_fmt(float(ratio.min()))}, "
+            f"Std ratio σ_tgt/σ_ref: median {_fmt(float(rules.median(ratio)))}, min {_fmt(float(ratio.min()))}, "
             f"max {_fmt(float(ratio.max()))}; outliers high {len(c.outlier_high)}, low {len(c.outlier_low)}; "
             f"Spearman of σ {_fmt(c.std_spearman)}, of means {_fmt(c.mean_spearman)}.", "",
             f"Dead dims: target-only {_listing(c.dead_target_only)}; reference-only "

@@ -33,7 +33,7 @@ ORIGIN_STD_EPS = 1e-6
 __all__ = ["ORIGIN_STD_EPS", "median", "ratio_eps", "std_ratio", "log_ratio", "dead", "hyper", "outliers"]
 
 
-def f64(x: Any) -> torch.Tensor:
+def _f64(x: Any) -> torch.Tensor:
     """``x`` as a float64 CPU tensor (a copy when the dtype or device changes; never modified)."""
     return torch.as_tensor(x).detach().to(device="cpu", dtype=_F64)
 
@@ -43,7 +43,7 @@ def median(x: torch.Tensor, lower: bool = False) -> torch.Tensor:
 
     ``lower=True``: the lower middle value (``torch.median``), as the original research used.
     """
-    v = f64(x)
+    v = _f64(x)
     n = v.shape[-1] if v.dim() else 1
     v = v.reshape(*v.shape[:-1], n) if v.dim() else v.reshape(1)
     if n == 0:
@@ -59,7 +59,7 @@ def ratio_eps(sigma_ref: torch.Tensor, sigma_tgt: torch.Tensor, eps_rel: float) 
 
     ``sigma_ref`` may have fewer leading dims than ``sigma_tgt`` (one reference for several layers).
     """
-    ref, tgt = f64(sigma_ref), f64(sigma_tgt)
+    ref, tgt = _f64(sigma_ref), _f64(sigma_tgt)
     if ref.shape[-1] != tgt.shape[-1]:
         raise ValueError(f"std ratio: sigma_tgt has {tgt.shape[-1]} dims, sigma_ref {ref.shape[-1]}")
     if not eps_rel >= 0:
@@ -78,7 +78,7 @@ def std_ratio(sigma_tgt: torch.Tensor, sigma_ref: torch.Tensor, eps_rel: float =
 
     ``origin=True``: the original research's ``σ_tgt / q`` (``q = 1`` where ``σ_ref < 1e-6``).
     """
-    tgt, ref = f64(sigma_tgt), f64(sigma_ref)
+    tgt, ref = _f64(sigma_tgt), _f64(sigma_ref)
     if origin:
         if tgt.shape != ref.shape:
             raise ValueError(f"std ratio: sigma_tgt has shape {tuple(tgt.shape)}, sigma_ref {tuple(ref.shape)}")
@@ -89,14 +89,14 @@ def std_ratio(sigma_tgt: torch.Tensor, sigma_ref: torch.Tensor, eps_rel: float =
 
 def log_ratio(sigma_tgt: torch.Tensor, sigma_ref: torch.Tensor, eps_rel: float = Thresholds.eps_rel) -> torch.Tensor:
     """``log(σ_tgt + eps) - log(σ_ref + eps)``: swapping the models flips the sign bit for bit."""
-    tgt, ref = f64(sigma_tgt), f64(sigma_ref)
+    tgt, ref = _f64(sigma_tgt), _f64(sigma_ref)
     eps = ratio_eps(ref, tgt, eps_rel)
     return torch.log(tgt + eps) - torch.log(ref + eps)
 
 
 def dead(sigma: torch.Tensor, th: Thresholds, lower: bool = False, absolute_only: bool = False) -> torch.Tensor:
     """Bool ``[..., D]``: dims whose σ is below ``dead_abs`` (or ``dead_rel`` × the median σ)."""
-    s = f64(sigma)
+    s = _f64(sigma)
     out = s < th.dead_abs
     if absolute_only:
         return out
@@ -105,11 +105,11 @@ def dead(sigma: torch.Tensor, th: Thresholds, lower: bool = False, absolute_only
 
 def hyper(sigma: torch.Tensor, th: Thresholds, lower: bool = False) -> torch.Tensor:
     """Bool ``[..., D]``: dims whose σ exceeds ``hyper_mult`` × the same model's median σ."""
-    s = f64(sigma)
+    s = _f64(sigma)
     return s > th.hyper_mult * median(s, lower).unsqueeze(-1)
 
 
 def outliers(ratio: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(high, low)`` bool ``[..., D]``: ``ratio > τ`` and ``ratio < 1/τ`` (two-sided outliers)."""
-    r = f64(ratio)
+    r = _f64(ratio)
     return r > tau, r < 1.0 / tau
