@@ -18,6 +18,10 @@ from typing import Sequence
 import torch
 
 ZIMAGE_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+#: Width of Z-Image's text conditioning: the Qwen3-4B hidden size.
+ZIMAGE_WIDTH = 2560
+#: Token scopes of statistics and fixes (see :func:`scope_mask`), the default first.
+SCOPES = ("content", "no_sink", "all")
 
 ENDOFTEXT = 151643
 IM_START = 151644
@@ -89,16 +93,21 @@ def classify_positions(n_tokens: int, prefix: int = len(TEMPLATE_PREFIX_IDS),
     return labels
 
 
-def scope_mask(labels: torch.Tensor, scope: str) -> torch.Tensor:
+def check_scope(token_scope: str) -> str:
+    """``token_scope`` if it is one of :data:`SCOPES`, else a ValueError listing them."""
+    if token_scope not in SCOPES:
+        raise ValueError(f"token scope must be one of {', '.join(SCOPES)}; got {token_scope!r}")
+    return token_scope
+
+
+def scope_mask(labels: torch.Tensor, token_scope: str) -> torch.Tensor:
     """Boolean mask of the tokens a fix or statistic applies to.
 
-    ``scope``: ``"all"`` (every token), ``"content"`` (prompt tokens only) or
+    ``token_scope``: ``"all"`` (every token), ``"content"`` (prompt tokens only) or
     ``"no_sink"`` (everything except position 0 and an appended EOS).
     """
-    if scope == "all":
+    if check_scope(token_scope) == "all":
         return torch.ones_like(labels, dtype=torch.bool)
-    if scope == "content":
+    if token_scope == "content":
         return labels == int(TokenClass.CONTENT)
-    if scope == "no_sink":
-        return (labels != int(TokenClass.SINK)) & (labels != int(TokenClass.APPENDED_EOS))
-    raise ValueError(f"token scope must be 'all', 'content' or 'no_sink', got {scope!r}")
+    return (labels != int(TokenClass.SINK)) & (labels != int(TokenClass.APPENDED_EOS))

@@ -10,6 +10,7 @@ from ..dimfix import conditioning as cond_utils
 from ..dimfix import fixes
 from ..dimfix.config import Thresholds
 from ..dimfix.fixtable import FixTable
+from ..dimfix.tokens import SCOPES
 from . import comfy_access as host
 from .common import CATEGORY, NO_FILE, FixTableSocket, check_width, resolve_table, table_file_fingerprint, \
     table_file_input
@@ -17,7 +18,6 @@ from .common import CATEGORY, NO_FILE, FixTableSocket, check_width, resolve_tabl
 log = logging.getLogger(__name__)
 
 DEFAULT_MODE = "affine"
-SCOPES = ("content", "no_sink", "all")
 
 
 def warn_provenance(table: FixTable, cond: list, scope: str, node: str) -> None:
@@ -107,7 +107,7 @@ class EmbeddingDimensionFix(io.ComfyNode):
         check_width(conditioning, table, "conditioning", node)
         warn_provenance(table, conditioning, token_scope, node)
         th = thresholds_for(table, outlier_ratio, hyper_mult, clamp_sigma)
-        plan = fixes.cached_plan(table, mode, strength, th)  # fallbacks (e.g. no percentiles) are logged
+        plan = fixes.plan_fix(table, mode, strength, th)  # fallbacks (e.g. no percentiles) are logged
 
         def fix(t, _meta):
             return fixes.apply_scoped(t, plan, token_scope)

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..dimfix.checkpoint import CheckpointError, fingerprint_path, list_model_entries, read_qwen3_checkpoint, \
     resolve_entry
-from ..dimfix.conditioning import ZIMAGE_WIDTHS
+from ..dimfix.tokens import ZIMAGE_WIDTH
 from . import comfy_access as host
 from .common import CATEGORY
 
@@ -82,8 +82,8 @@ class Qwen3EmbeddingLoader(io.ComfyNode):
         except CheckpointError as e:
             raise ValueError(f"{NODE}: model_name {model_name!r}: {e}") from None
         info = ckpt.info
-        if info.hidden not in ZIMAGE_WIDTHS and not analysis_only:
-            raise ValueError(f"{NODE}: {model_name} has width {info.hidden}, but Z-Image reads {ZIMAGE_WIDTHS[0]}-wide "
+        if info.hidden != ZIMAGE_WIDTH and not analysis_only:
+            raise ValueError(f"{NODE}: {model_name} has width {info.hidden}, but Z-Image reads {ZIMAGE_WIDTH}-wide "
                              "conditioning: choose a Qwen3-4B-sized encoder, or set analysis_only to load it for the "
                              "Dimension Analyzer only")
         want = _target_dtype(dtype, info.dtype, model_name)

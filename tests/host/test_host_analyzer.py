@@ -126,8 +126,8 @@ def test_schema(node, pack):
     for o in s.outputs:
         assert o.tooltip, o.display_name
     ids = [i.id for i in s.inputs]
-    for name in ("reference", "target", "prompts", "layer", "reference_layer", "sweep_all_layers", "outlier_ratio", "dead_threshold",
-                 "hyper_multiplier", "token_scope", "model", "reference_conditioning", "target_conditioning",
+    for name in ("reference", "target", "prompts", "layer", "reference_layer", "sweep_all_layers", "outlier_ratio", "dead_abs",
+                 "hyper_mult", "token_scope", "model", "reference_conditioning", "target_conditioning",
                  "save_name", "overwrite"):
         assert name in ids
     prompts = next(i for i in s.inputs if i.id == "prompts")
