@@ -272,7 +272,8 @@ class Dispatcher:
                     self.cond.wait(0.25)
             server = self._pick(free)
             if server is None:
-                time.sleep(min(0.5, self.opts.down_after / 10))
+                with self.cond:
+                    self.cond.wait(0.05)
                 continue
             with self.cond:
                 job = self.pending.popleft() if self.pending else None
@@ -280,9 +281,14 @@ class Dispatcher:
                 self._submit(server, job)
 
     def _pick(self, free: list[_Server]) -> _Server | None:
-        """The free server with the shortest queue (servers that do not answer are skipped)."""
+        """The live server with the shortest queue if it can take one more of our prompts, else None (wait).
+
+        Servers that do not answer are skipped; one that has failed for ``down_after`` s and holds none of
+        our prompts is dropped."""
         best = None
-        for rank, server in enumerate(free):
+        for rank, server in enumerate(self.servers):
+            if not server.alive:
+                continue
             try:
                 queued = server.client.queue_remaining()
                 server.failing_since = None
@@ -295,7 +301,7 @@ class Dispatcher:
             key = (queued, len(server.jobs), rank)
             if best is None or key < best[0]:
                 best = (key, server)
-        return None if best is None else best[1]
+        return best[1] if best is not None and best[1] in free else None
 
     def _submit(self, server: _Server, job: Job) -> None:
         job.submitted = time.monotonic()

@@ -167,6 +167,9 @@ class StubComfy:
                 imgs.append({"filename": fname, "subfolder": sub, "type": kind})
             outputs[nid] = {"images": imgs}
             self.emit(cid, "executed", {"node": nid, "display_node": nid, "output": outputs[nid], "prompt_id": pid})
+        for nid, node in graph.items():  # Preview Any shows a literal text
+            if node["class_type"] == "PreviewAny" and isinstance(node["inputs"].get("source"), str):
+                outputs[nid] = {"text": [node["inputs"]["source"]]}
         return outputs
 
     # ------------------------------------------------------------------ websocket
