@@ -41,7 +41,7 @@ from .client import (ComfyClient, ComfyConnectionError, ComfyError, ComfyExecuti
 from .cli import main
 from .graph import WorkflowError, find_nodes, load_api_workflow, parse_sweep, set_input, validate_api_workflow
 from .jobs import run_batch
-from .runner import BatchResult, extract_verdict, select_images
+from .records import BatchResult, extract_verdict, select_images
 from .sheet import write_contact_sheet
 from .store import MANIFEST_FILE, RESULTS_FILE, Manifest, slugify
 from .ws import EventMonitor, WebSocket

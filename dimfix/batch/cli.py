@@ -81,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def err(msg: str) -> None:
         print(f"error: {msg}", file=sys.stderr)
 
-    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    display = LiveLine(0, quiet=args.quiet)  # log lines clear the live line first
+    log = None if args.quiet else display.log
     problem = _check(args)
     if problem:
         err(problem)
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         verdict = Path(args.verdict).read_text(encoding="utf-8") if args.verdict else None
         servers = args.server or [DEFAULT_SERVER]
         clients = [ComfyClient(url, timeout=max(30.0, args.poll * 4)) for url in servers]
-        display = LiveLine(len(prompts) * len(sweep_combinations(sweeps)), quiet=args.quiet)
+        display.total = len(prompts) * len(sweep_combinations(sweeps))
         results = run_batch(clients, graph, prompts, args.prompt_node, args.prompt_input, args.seed_node,
                             args.seed, args.out, args.overwrite, seed_input=args.seed_input,
                             seed_mode=args.seed_mode, timeout=args.timeout, poll_interval=args.poll,

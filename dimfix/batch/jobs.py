@@ -10,7 +10,8 @@ from typing import Any, Callable, Sequence
 from .client import ComfyClient
 from .graph import (Sweep, WorkflowError, apply_sweeps, find_nodes, node_label, parse_sweep, set_input,
                     sweep_combinations, validate_api_workflow)
-from .runner import BatchResult, Dispatcher, Job, Options, extract_verdict
+from .records import BatchResult, Job, Options, extract_verdict
+from .runner import Dispatcher
 from .sheet import SheetRow, write_contact_sheet
 from .store import Manifest, slugify
 
@@ -79,7 +80,8 @@ def _plan(jobs: list[Job], manifest: Manifest, out: Path, overwrite: bool, say) 
         pattern = re.compile(re.escape(job.key) + r"_[^_]+_\d+\.[^.]+$")
         foreign = sorted(n for n in names if pattern.match(n) and n not in manifest.owned_names(job.key))
         if not overwrite and (state == "conflict" or foreign):
-            why = reason if state == "conflict" else f"{', '.join(foreign[:3])} exist(s) but not in {manifest.path.name}"
+            why = reason if state == "conflict" else \
+                f"{', '.join(foreign[:3])} exist(s) but not in {manifest.path.name}"
             decided[job.order] = job.result("error", error=f"not run: {why}; pass overwrite=True / --overwrite "
                                                            "to redo it, or use another --out")
             continue

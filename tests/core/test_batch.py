@@ -6,7 +6,7 @@ import pytest
 
 from dimfix import batch
 from dimfix.batch import ComfyClient
-from zdf_testkit.comfy_stub import StubComfy
+from zdf_testkit.comfy_stub import running
 
 GRAPH = {
     "3": {"class_type": "KSampler", "inputs": {"seed": 0, "steps": 2, "model": ["4", 0]}, "_meta": {"title": "KSampler"}},
@@ -21,11 +21,8 @@ GRAPH = {
 
 @pytest.fixture
 def server():
-    stub = StubComfy()
-    try:
+    with running() as stub:
         yield stub, stub.url
-    finally:
-        stub.kill()
 
 
 def _client(url):
@@ -66,7 +63,8 @@ def test_node_errors_on_200_raise_and_say_images_may_land(server):
         "12": {"errors": [{"type": "required_input_missing", "message": "Required input is missing",
                            "details": "images", "extra_info": {}}], "dependent_outputs": ["12"],
                "class_type": "PreviewImage"}}})
-    with pytest.raises(batch.ComfyPromptError, match=r"node 12 \(PreviewImage\): Required input is missing: images") as ei:
+    with pytest.raises(batch.ComfyPromptError,
+                       match=r"node 12 \(PreviewImage\): Required input is missing: images") as ei:
         _client(url).queue(GRAPH)
     assert "12" in ei.value.node_errors and ei.value.queued_prompt_id == "x"
     assert "queued only the valid part" in str(ei.value)

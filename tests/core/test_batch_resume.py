@@ -12,7 +12,7 @@ import pytest
 
 from dimfix import batch
 from dimfix.batch import ComfyClient
-from zdf_testkit.comfy_stub import StubComfy
+from zdf_testkit.comfy_stub import StubComfy, running
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAPH = {
@@ -25,11 +25,8 @@ GRAPH = {
 
 @pytest.fixture
 def stub():
-    s = StubComfy()
-    try:
+    with running() as s:
         yield s
-    finally:
-        s.kill()
 
 
 def _run(stub, out, prompts, client=None, **kw):

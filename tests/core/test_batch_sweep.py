@@ -9,7 +9,7 @@ import pytest
 from dimfix import batch
 from dimfix.batch import ComfyClient
 from dimfix.compare import verdict
-from zdf_testkit.comfy_stub import StubComfy
+from zdf_testkit.comfy_stub import running
 
 GRAPH = {
     "3": {"class_type": "KSampler", "inputs": {"seed": 0, "steps": 2, "cfg": 1.0, "model": ["4", 0],
@@ -25,11 +25,8 @@ GRAPH = {
 
 @pytest.fixture
 def stub():
-    s = StubComfy()
-    try:
+    with running() as s:
         yield s
-    finally:
-        s.kill()
 
 
 def test_parse_sweep_resolves_nodes_and_types_values():
@@ -80,7 +77,8 @@ def test_fetch_nodes_selects_exactly_those_images(stub, tmp_path):
 
 def _report(passed: bool) -> str:
     v = verdict(0.99, 0.97 if passed else 0.5, 0.95, 3)
-    return f"# Dimension analysis\n\n## Verdict (layer -2)\n\n{v.to_markdown()}\n\n## Most different dimensions\n\n| x |"
+    return (f"# Dimension analysis\n\n## Verdict (layer -2)\n\n{v.to_markdown()}\n\n"
+            "## Most different dimensions\n\n| x |")
 
 
 def test_extract_verdict_from_an_analyzer_report():

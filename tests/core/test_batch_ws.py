@@ -14,10 +14,11 @@ from dimfix import batch
 from dimfix.batch import ComfyClient
 from dimfix.batch import ws as wsmod
 from dimfix.batch.display import LiveLine
-from zdf_testkit.comfy_stub import StubComfy
+from zdf_testkit.comfy_stub import StubComfy, running
 
 GRAPH = {
-    "3": {"class_type": "KSampler", "inputs": {"seed": 0, "steps": 2, "model": ["4", 0]}, "_meta": {"title": "Sampler"}},
+    "3": {"class_type": "KSampler", "inputs": {"seed": 0, "steps": 2, "model": ["4", 0]},
+          "_meta": {"title": "Sampler"}},
     "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "x.safetensors"}},
     "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "old", "clip": ["4", 1]}, "_meta": {"title": "Prompt"}},
     "9": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}},
@@ -26,11 +27,8 @@ GRAPH = {
 
 @pytest.fixture
 def stub():
-    s = StubComfy(run_seconds=0.05, steps=3)
-    try:
+    with running(run_seconds=0.05, steps=3) as s:
         yield s
-    finally:
-        s.kill()
 
 
 def test_accept_key_and_masking_match_rfc6455():

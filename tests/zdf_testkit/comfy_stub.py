@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import hashlib
 import json
 import socket
@@ -21,7 +22,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
-__all__ = ["StubComfy", "ws_frame", "ws_read_frame"]
+__all__ = ["StubComfy", "running", "ws_frame", "ws_read_frame"]
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -290,3 +291,13 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             stub.sockets[client_id].remove(entry)
             self.close_connection = True
+
+
+@contextlib.contextmanager
+def running(**kwargs):
+    """A :class:`StubComfy` that is killed on exit."""
+    stub = StubComfy(**kwargs)
+    try:
+        yield stub
+    finally:
+        stub.kill()
