@@ -115,7 +115,7 @@ class Dispatcher:
         self.pending.extend(todo)
         self._probe()
         for server in self.servers:
-            if self.opts.websocket:
+            if self.opts.websocket and server.alive:
                 server.monitor = EventMonitor(server.client.base_url, self.client_id,
                                               on_event=self.display.event if self.display else None)
                 if not server.monitor.start():
@@ -174,9 +174,9 @@ class Dispatcher:
                         break
                     self.cond.wait(0.25)
             server = self._pick(free)
-            if server is None:
+            if server is None:  # the shortest queue is full: wait for one of its prompts to finish
                 with self.cond:
-                    self.cond.wait(0.05)
+                    self.cond.wait(max(0.05, self.opts.poll_interval))
                 continue
             with self.cond:
                 job = self.pending.popleft() if self.pending else None
@@ -248,6 +248,8 @@ class Dispatcher:
                     self.cond.notify_all()
                 return
             with self.cond:
+                if self.stopping:  # Ctrl-C or a fatal error: the abort records what was in flight
+                    return
                 if job.server is not server:  # moved away meanwhile: another server records it
                     continue
                 server.jobs.remove(job)
