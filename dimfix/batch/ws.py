@@ -276,11 +276,14 @@ class EventMonitor:
 
     def waiter(self, prompt_id: str, safety_poll: float = 2.0) -> Callable[[float], None]:
         """A ``wake(seconds)`` for :meth:`ComfyClient.wait`: returns as soon as the prompt's end event
-        arrives, polls at least every ``safety_poll`` s while the socket is up, sleeps normally without it."""
+        arrives (then polls every 0.05 s until the history has the entry), polls at least every
+        ``safety_poll`` s while the socket is up, and sleeps ``seconds`` without it."""
         st = self.state(prompt_id)
 
         def wake(seconds: float) -> None:
-            if st.finished.is_set() or not self.alive:
+            if st.finished.is_set():  # ended: the history entry follows within moments
+                time.sleep(min(seconds, 0.05))
+            elif not self.alive:
                 time.sleep(seconds)
             else:
                 st.finished.wait(max(seconds, safety_poll))

@@ -122,3 +122,15 @@ def test_unreachable_server_at_start_is_skipped(stubs, tmp_path, capsys):
     assert any(gone.url in m and "skipping" in m for m in logs)
     with pytest.raises(ValueError, match="same server is given twice"):
         batch.run_batch(_clients([alive, alive]), GRAPH, ["a"], "Prompt", out_dir=tmp_path / "p")
+
+
+def test_resume_on_other_servers(stubs, tmp_path):
+    first, b, c = stubs(3)
+    out = tmp_path / "o"
+    batch.run_batch(_clients([first]), GRAPH, PROMPTS[:2], "Prompt", seed_selector="3", seed=1, out_dir=out,
+                    poll_interval=0.005)
+    first.kill()
+    res = batch.run_batch(_clients([b, c]), GRAPH, PROMPTS[:5], "Prompt", seed_selector="3", seed=1, out_dir=out,
+                          poll_interval=0.005)
+    assert [r.status for r in res] == ["skipped"] * 2 + ["ok"] * 3
+    assert {r.server for r in res[2:]} <= {b.url, c.url} and len(b.queued) + len(c.queued) == 3
