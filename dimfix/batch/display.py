@@ -10,9 +10,13 @@ import sys
 import threading
 from typing import TextIO
 
-from .graph import node_label
 
 __all__ = ["LiveLine"]
+
+
+def _title(graph: dict, node_id: str) -> str:
+    node = graph.get(str(node_id)) or {}
+    return (node.get("_meta") or {}).get("title") or node.get("class_type") or f"node {node_id}"
 
 
 class LiveLine:
@@ -40,10 +44,10 @@ class LiveLine:
             if prompt_id not in self._jobs or not self.live:
                 return
             job, server = self._jobs[prompt_id]
-            if kind in ("execution_success", "execution_error", "execution_interrupted"):
+            if st.finished.is_set():
                 self._state.pop(server, None)
             else:
-                node = node_label(job.graph, st.node) if st.node else "queued"
+                node = _title(job.graph, st.node) if st.node else "queued"
                 step = f" {st.value}/{st.max}" if st.value is not None and st.max else ""
                 self._state[server] = f"#{job.order + 1} {node}{step}"
             self._draw()
@@ -70,7 +74,10 @@ class LiveLine:
                 self._draw()
 
     def close(self) -> None:
+        """Clear the line and stop drawing (later log lines still print)."""
         with self._lock:
+            self.live = False
+            self._state.clear()
             if self._shown:
                 self.stream.write("\r\x1b[K")
                 self.stream.flush()

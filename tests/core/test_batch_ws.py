@@ -133,7 +133,7 @@ def test_run_uses_websocket_and_live_line(stub, tmp_path):
     assert not run.is_alive() and [r.status for r in res] == ["ok", "ok"]
     assert "wait_s" in res[0].timings  # only known from websocket events
     shown = tty.getvalue()
-    assert "3: KSampler 'Sampler' 2/3" in shown and "#2 " in shown and "[1/2 done]" in shown
+    assert ": #1 Sampler 2/3" in shown and "#2 " in shown and "[1/2 done]" in shown
     assert shown.endswith("\r\x1b[K") and "[2/2] ok" in log.getvalue()
 
 
