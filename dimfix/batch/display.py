@@ -10,13 +10,10 @@ import sys
 import threading
 from typing import TextIO
 
+from .graph import node_title
+
 
 __all__ = ["LiveLine"]
-
-
-def _title(graph: dict, node_id: str) -> str:
-    node = graph.get(str(node_id)) or {}
-    return (node.get("_meta") or {}).get("title") or node.get("class_type") or f"node {node_id}"
 
 
 class LiveLine:
@@ -47,7 +44,7 @@ class LiveLine:
             if st.finished.is_set():
                 self._state.pop(server, None)
             else:
-                node = _title(job.graph, st.node) if st.node else "queued"
+                node = node_title(job.graph, st.node) if st.node else "queued"
                 step = f" {st.value}/{st.max}" if st.value is not None and st.max else ""
                 self._state[server] = f"#{job.order + 1} {node}{step}"
             self._draw()

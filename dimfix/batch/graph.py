@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["WorkflowError", "load_api_workflow", "validate_api_workflow", "find_nodes", "set_input",
-           "Sweep", "parse_sweep", "sweep_combinations", "node_label"]
+           "Sweep", "parse_sweep", "sweep_combinations", "apply_sweeps", "node_label", "node_title"]
 
 
 class WorkflowError(ValueError):
@@ -47,6 +47,12 @@ def load_api_workflow(path: str | Path) -> dict:
     except ValueError as exc:
         raise WorkflowError(f"{path}: not valid JSON ({exc})") from exc
     return validate_api_workflow(data, source=str(path))
+
+
+def node_title(graph: dict, node_id: str) -> str:
+    """A node's ``_meta.title``, else its class_type, else ``"node <id>"``."""
+    node = graph.get(str(node_id)) or {}
+    return (node.get("_meta") or {}).get("title") or node.get("class_type") or f"node {node_id}"
 
 
 def node_label(graph: dict, node_id: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .client import ComfyClient
-from .graph import (Sweep, WorkflowError, apply_sweeps, find_nodes, node_label, parse_sweep, set_input,
+from .graph import (Sweep, WorkflowError, apply_sweeps, find_nodes, node_label, node_title, parse_sweep, set_input,
                     sweep_combinations, validate_api_workflow)
 from .records import BatchResult, Job, Options, extract_verdict
 from .runner import Dispatcher
@@ -166,6 +166,10 @@ def run_batch(
     return [dispatcher.results[j.order] for j in jobs if j.order in dispatcher.results]
 
 
+def _caption(graph: dict, file: dict) -> str:
+    return f"{node_title(graph, file['node_id'])} · {file['name']}" if file.get("node_id") else file["name"]
+
+
 def _sheet(out: Path, jobs: list[Job], results: dict, manifest: Manifest, verdict_text: str | None) -> None:
     rows = []
     for job in jobs:
@@ -174,7 +178,7 @@ def _sheet(out: Path, jobs: list[Job], results: dict, manifest: Manifest, verdic
         done = entry.get("state") == "done" and res is not None and res.status in ("ok", "skipped")
         rows.append(SheetRow(job.index, job.prompt, job.sweep, job.seed, res.status if res else "not run",
                              entry.get("server") if done else (res.server if res else None),
-                             [f["name"] for f in entry.get("files") or []] if done else [],
+                             [(f["name"], _caption(job.graph, f)) for f in entry.get("files") or []] if done else [],
                              entry.get("verdict") if done else None, None if res is None else res.error))
     table_verdict = (extract_verdict(verdict_text) or verdict_text.strip()[:4000]) if verdict_text else None
     write_contact_sheet(out, rows, title=f"Batch run: {out.name}", verdict_text=table_verdict)

@@ -25,10 +25,11 @@ _STYLE = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse
 
 
 class SheetRow:
-    """One row: the job's prompt, sweep values, seed, status, server, image file names and verdict."""
+    """One row: the job's prompt, sweep values, seed, status, server, images ``(file name, caption)`` and
+    verdict."""
 
     def __init__(self, index: int, prompt: str, sweep: dict, seed, status: str, server: str | None,
-                 files: Sequence[str], verdict: str | None = None, error: str | None = None):
+                 files: Sequence[tuple[str, str]], verdict: str | None = None, error: str | None = None):
         self.index, self.prompt, self.sweep, self.seed = index, prompt, dict(sweep), seed
         self.status, self.server, self.files = status, server, list(files)
         self.verdict, self.error = verdict, error
@@ -42,7 +43,8 @@ def _row(row: SheetRow) -> str:
     sweep = "<br>".join(f"{_e(k)} = {_e(v)}" for k, v in row.sweep.items())
     figures = "".join(
         f'<figure><a href="{_e(urllib.parse.quote(name))}"><img src="{_e(urllib.parse.quote(name))}" '
-        f'alt="{_e(name)}" loading="lazy"></a><figcaption>{_e(name)}</figcaption></figure>' for name in row.files)
+        f'alt="{_e(name)}" loading="lazy"></a><figcaption>{_e(caption)}</figcaption></figure>'
+        for name, caption in row.files)
     status = _e(row.status) if row.status in ("ok", "skipped") else f'<span class="bad">{_e(row.status)}</span>'
     if row.error:
         status += f"<br><small>{_e(row.error)}</small>"
