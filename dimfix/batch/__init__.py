@@ -17,7 +17,8 @@ every finished job with size and SHA-256, and ``OUT/index.html`` a contact sheet
 
 Fetch: by default only images of type ``output`` (written by Save nodes) are downloaded; temporary
 previews (Preview Image, the analyzer's plots, the grid's preview) are skipped. ``fetch="all"`` takes
-every image, ``fetch_nodes`` exactly the images of the named nodes.
+every image, ``fetch_nodes`` exactly the images of the named nodes; ``save_nodes`` adds a SaveImage on
+output 0 of the named nodes (e.g. every ``VAEDecode``: one image per fix mode) and fetches it too.
 
 Seeds: with ``--seed N`` the seed input of the ``--seed-node`` nodes is ``N + prompt index``
 (``--seed-mode increment``; every sweep combination of one prompt shares its seed) or ``N`` for all
@@ -39,7 +40,8 @@ workflow, corpus or a graph the server rejected, 3 no server reachable, 130 inte
 from .client import (ComfyClient, ComfyConnectionError, ComfyError, ComfyExecutionError, ComfyPromptError,
                      ComfyTimeout)
 from .cli import main
-from .graph import WorkflowError, find_nodes, load_api_workflow, parse_sweep, set_input, validate_api_workflow
+from .graph import (WorkflowError, add_save_nodes, find_nodes, load_api_workflow, parse_sweep, set_input,
+                    validate_api_workflow)
 from .jobs import run_batch
 from .records import BatchResult, extract_verdict, select_images
 from .sheet import write_contact_sheet
@@ -49,7 +51,7 @@ from .ws import EventMonitor, WebSocket
 __all__ = [
     "ComfyError", "ComfyConnectionError", "ComfyPromptError", "ComfyExecutionError", "ComfyTimeout",
     "WorkflowError", "ComfyClient", "BatchResult", "load_api_workflow", "validate_api_workflow",
-    "find_nodes", "set_input", "parse_sweep", "slugify", "run_batch", "main", "select_images",
+    "find_nodes", "set_input", "parse_sweep", "add_save_nodes", "slugify", "run_batch", "main", "select_images",
     "extract_verdict", "write_contact_sheet", "Manifest", "EventMonitor", "WebSocket", "RESULTS_FILE",
     "MANIFEST_FILE",
 ]

@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="images to download: 'output' (Save nodes, default) or 'all' (also temp previews)")
     p.add_argument("--fetch-node", action="append", default=[], metavar="NODE",
                    help="download exactly the images of these nodes (id, title or class_type); repeatable")
+    p.add_argument("--save-node", action="append", default=[], metavar="NODE",
+                   help="add a SaveImage on output 0 of these nodes and fetch it (e.g. VAEDecode: one image per "
+                        "fix mode of the grid workflow); repeatable")
     p.add_argument("--verdict", default=None, metavar="FILE",
                    help="analyzer report (markdown) whose verdict heads the contact sheet")
     p.add_argument("--out", required=True, help="output folder (images, results.jsonl, manifest.json, index.html)")
@@ -102,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             args.seed, args.out, args.overwrite, seed_input=args.seed_input,
                             seed_mode=args.seed_mode, timeout=args.timeout, poll_interval=args.poll,
                             stop_on_error=args.stop_on_error, log=log, fetch=args.fetch,
-                            fetch_nodes=args.fetch_node, sweeps=sweeps, verdict_text=verdict,
+                            fetch_nodes=args.fetch_node, save_nodes=args.save_node, sweeps=sweeps,
+                            verdict_text=verdict,
                             websocket=not args.no_websocket, depth=args.depth, down_after=args.down_after,
                             display=display)
     except KeyboardInterrupt:

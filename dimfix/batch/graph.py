@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["WorkflowError", "load_api_workflow", "validate_api_workflow", "find_nodes", "set_input",
-           "Sweep", "parse_sweep", "sweep_combinations", "apply_sweeps", "node_label", "node_title"]
+           "Sweep", "parse_sweep", "sweep_combinations", "apply_sweeps", "node_label", "node_title",
+           "add_save_nodes"]
 
 
 class WorkflowError(ValueError):
@@ -174,3 +175,35 @@ def apply_sweeps(graph: dict, sweeps: Sequence[Sweep], combo: Sequence[Any]) -> 
         for nid in sweep.node_ids:
             graph = set_input(graph, nid, sweep.name, value)
     return graph
+
+
+def _upstream_title(graph: dict, node_id: str) -> str:
+    """The node's title; for an untitled node (title = class_type) the title of its first linked input."""
+    title = node_title(graph, node_id)
+    node = graph.get(str(node_id)) or {}
+    if title == node.get("class_type"):
+        for value in (node.get("inputs") or {}).values():
+            if _is_link(value) and str(value[0]) in graph:
+                return f"{node_title(graph, str(value[0]))} → {title}"
+    return title
+
+
+def add_save_nodes(graph: dict, selectors: Sequence[str]) -> tuple[dict, list[str]]:
+    """A NEW graph with a ``SaveImage`` on output 0 of every node matching ``selectors`` (e.g. the
+    ``VAEDecode`` of each fix mode), and the ids of the added nodes; their titles name the source."""
+    new = copy.deepcopy(graph)
+    added = []
+    for sel in selectors:
+        ids = find_nodes(graph, sel)
+        if not ids:
+            raise WorkflowError(f"save node {sel!r}: no node matches (by id, _meta.title or class_type); "
+                                f"nodes: {_describe(graph)}")
+        for nid in ids:
+            save_id = f"dimfix_save_{nid}"
+            if save_id in new:
+                continue
+            new[save_id] = {"class_type": "SaveImage",
+                            "inputs": {"images": [nid, 0], "filename_prefix": f"dimfix_batch/node_{nid}"},
+                            "_meta": {"title": f"Save · {_upstream_title(graph, nid)}"}}
+            added.append(save_id)
+    return new, added

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .client import ComfyClient
-from .graph import (Sweep, WorkflowError, apply_sweeps, find_nodes, node_label, node_title, parse_sweep, set_input,
-                    sweep_combinations, validate_api_workflow)
+from .graph import (Sweep, WorkflowError, add_save_nodes, apply_sweeps, find_nodes, node_label, node_title,
+                    parse_sweep, set_input, sweep_combinations, validate_api_workflow)
 from .records import BatchResult, Job, Options, extract_verdict
 from .runner import Dispatcher
 from .sheet import SheetRow, write_contact_sheet
@@ -110,6 +110,7 @@ def run_batch(
     *,
     fetch: str = "output",
     fetch_nodes: Sequence[str] = (),
+    save_nodes: Sequence[str] = (),
     sweeps: Sequence[str | Sweep] = (),
     verdict_text: str | None = None,
     websocket: bool = True,
@@ -140,8 +141,10 @@ def run_batch(
     if seed_selector is not None:
         set_input(graph, seed_selector, seed_input, 0, multiple=True)
     parsed = [s if isinstance(s, Sweep) else parse_sweep(graph, s) for s in sweeps]
-    opts = Options(fetch, _fetch_ids(graph, fetch, fetch_nodes), overwrite, float(timeout), float(poll_interval),
-                   stop_on_error, websocket, int(depth), float(down_after))
+    graph, saves = add_save_nodes(graph, save_nodes)
+    fetch_ids = _fetch_ids(graph, fetch, fetch_nodes)
+    opts = Options(fetch, fetch_ids if fetch_ids is None else fetch_ids | set(saves), overwrite, float(timeout),
+                   float(poll_interval), stop_on_error, websocket, int(depth), float(down_after))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(out)

@@ -118,3 +118,20 @@ def test_cli_sweep_and_verdict_file(stub, tmp_path, capsys):
     assert batch.main(args + ["--sweep", "Fix.mode"]) == 2
     assert "expected NODE.INPUT=a,b,c" in capsys.readouterr().err
     assert batch.main(args + ["--fetch", "all", "--fetch-node", "9"]) == 2
+
+
+def test_save_nodes_add_a_save_per_matched_node(stub, tmp_path):
+    graph, added = batch.add_save_nodes(GRAPH, ["KSampler", "Fix"])
+    assert added == ["dimfix_save_3", "dimfix_save_14"] and "dimfix_save_3" not in GRAPH
+    assert graph["dimfix_save_3"]["inputs"]["images"] == ["3", 0]
+    assert graph["dimfix_save_3"]["_meta"]["title"] == "Save · CheckpointLoaderSimple → KSampler"
+    assert graph["dimfix_save_14"]["_meta"]["title"] == "Save · Fix"
+    with pytest.raises(batch.WorkflowError, match="save node 'Nope': no node matches"):
+        batch.add_save_nodes(GRAPH, ["Nope"])
+    out = tmp_path / "o"
+    res = batch.run_batch(ComfyClient(stub.url), GRAPH, ["a"], "Prompt", out_dir=out, poll_interval=0.002,
+                          save_nodes=["KSampler"], fetch_nodes=["9"])
+    assert res[0].files == ["000_a_9_0.png", "000_a_9_1.png", "000_a_dimfix-save-3_0.png",
+                            "000_a_dimfix-save-3_1.png"]
+    assert stub.queued[0][1]["prompt"]["dimfix_save_3"]["class_type"] == "SaveImage"
+    assert "Save · CheckpointLoaderSimple → KSampler · 000_a_dimfix-save-3_0.png" in (out / "index.html").read_text()

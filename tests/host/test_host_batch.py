@@ -136,7 +136,7 @@ def test_grid_on_two_servers_fetches_every_image_once(two_servers, tmp_path):
     out = tmp_path / "grid"
     t0 = time.monotonic()
     res = run_batch(clients, graph, PROMPTS, "Prompt", "value", "Seed", 42, out, seed_input="value", timeout=400,
-                    poll_interval=0.2)
+                    poll_interval=0.2, save_nodes=["VAEDecode"])
     print(f"\nbatch on 2 servers: {len(PROMPTS)} grid prompts in {time.monotonic() - t0:.1f} s")
     assert [r.status for r in res] == ["ok"] * 4, [r.error for r in res]
     assert {r.server for r in res} == {s["url"] for s in servers}  # both servers worked
@@ -149,16 +149,19 @@ def test_grid_on_two_servers_fetches_every_image_once(two_servers, tmp_path):
                 expected[(r.server, ref["filename"], ref["subfolder"], ref["type"])] += 1
             else:
                 previews += 1
-        assert len(r.files) == 1 and r.files[0].endswith("_35_0.png")  # the grid of the SaveImage node
+        # the grid of the SaveImage node, then one image per VAEDecode (reference + six fix modes)
+        assert r.files[0].endswith("_35_0.png") and len(r.files) == 8
+        assert len([f for f in r.files if "_dimfix-save-" in f]) == 7
         server = next(s for s in servers if s["url"] == r.server)
-        (saved,) = [k for k in expected if k[0] == r.server and (server["output"] / k[2] / k[1]).is_file()
-                    and (server["output"] / k[2] / k[1]).read_bytes() == (out / r.files[0]).read_bytes()]
+        for name in r.files:  # byte-identical to a file in the output folder of the server that ran it
+            assert any(k[0] == r.server and (server["output"] / k[2] / k[1]).read_bytes() == (out / name).read_bytes()
+                       for k in expected), name
     assert previews >= 4 * 2  # analyzer plots / grid previews existed and were skipped
     assert fetched == expected and set(fetched.values()) == {1}
     # resume: nothing is queued or fetched again; the command line takes both servers too
     cmd = [sys.executable, "-m", "dimfix.batch", "--workflow", str(tmp_path / "wf.json"), "--prompt-node", "Prompt",
            "--prompt-input", "value", "--seed-node", "Seed", "--seed-input", "value", "--seed", "42", "--out", str(out),
-           "--prompts", str(tmp_path / "p.txt")]
+           "--prompts", str(tmp_path / "p.txt"), "--save-node", "VAEDecode"]
     (tmp_path / "wf.json").write_text(json.dumps(graph), encoding="utf-8")
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     for s in servers:
@@ -169,3 +172,4 @@ def test_grid_on_two_servers_fetches_every_image_once(two_servers, tmp_path):
     assert statuses[4:] == ["skipped"] * 4
     page = (out / "index.html").read_text(encoding="utf-8")
     assert all(f'<img src="{r.files[0]}"' in page for r in res)
+    assert "Save · KSampler (affine) → VAEDecode" in page
