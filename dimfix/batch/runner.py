@@ -11,6 +11,7 @@ failing for ``down_after`` seconds is dropped and its unfinished prompts go back
 from __future__ import annotations
 
 import collections
+import glob
 import os
 import re
 import threading
@@ -301,6 +302,8 @@ class Dispatcher:
                 raise FileExistsError(f"{self.out / name} exists and was not written by this batch "
                                       "(pass overwrite=True / --overwrite to replace it, or use another --out)")
         self.manifest.mark_partial(job.key, job.identity(), names)
+        for stale in self.out.glob(f".{glob.escape(job.key)}_*.tmp"):  # left by a killed run
+            stale.unlink(missing_ok=True)
         files = []
         for ref, name in zip(refs, names):
             data = self._call(server, server.client.download, ref)
@@ -317,7 +320,8 @@ class Dispatcher:
         for server, jobs in in_flight:
             try:
                 server.client.delete_queued([j.prompt_id for j in jobs])
-                server.client.interrupt(jobs[0].prompt_id)
+                for job in jobs:  # targeted: only the one that is running stops
+                    server.client.interrupt(job.prompt_id)
             except ComfyError as exc:
                 self.say(f"could not interrupt {server.name}: {exc}")
             if interrupted:

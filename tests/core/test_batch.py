@@ -91,23 +91,17 @@ def test_http_400_raises_with_server_message(server):
         _client(url).queue(GRAPH)
 
 
-def test_execution_error_status_raises(server):
+@pytest.mark.parametrize("outcome,error,match,timeout", [
+    ("error", batch.ComfyExecutionError, r"node 3 \(KSampler\): RuntimeError: CUDA out of memory", 5),
+    ("never", batch.ComfyTimeout, r"prompt \S+ did not finish within 0.05 s", 0.05)])
+def test_wait_raises_on_execution_error_and_timeout(server, outcome, error, match, timeout):
     stub, url = server
-    stub.outcome = "error"
+    stub.outcome = outcome
     c = _client(url)
     pid = c.queue(GRAPH)
-    with pytest.raises(batch.ComfyExecutionError, match=r"node 3 \(KSampler\): RuntimeError: CUDA out of memory"):
-        c.wait(pid, timeout=5, poll_interval=0.001)
-
-
-def test_wait_timeout(server):
-    stub, url = server
-    stub.outcome = "never"
-    c = _client(url)
-    pid = c.queue(GRAPH)
-    with pytest.raises(batch.ComfyTimeout, match=f"prompt {pid} did not finish"):
-        c.wait(pid, timeout=0.05, poll_interval=0.005)
-    assert stub.polls[pid] >= 2
+    with pytest.raises(error, match=match):
+        c.wait(pid, timeout=timeout, poll_interval=0.005)
+    assert stub.polls[pid] >= 1 + (outcome == "never")
 
 
 def test_unreachable_server():

@@ -65,8 +65,10 @@ def test_prompt_stopped_between_two_downloads_is_redone(stub, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _run(stub, out, ["A cat", "A dog"], client=client, seed=1)
     assert [p.name for p in out.glob("001_*.png")] == ["001_a-dog_9_0.png"]  # one image of two
+    (out / ".001_a-dog_9_1.png.0123abcd.tmp").write_bytes(b"IMG|A")  # as a SIGKILL mid-write leaves it
     queued = len(stub.queued)
     res = _run(stub, out, ["A cat", "A dog"], seed=1)
+    assert not list(out.glob(".*.tmp"))
     assert [r.status for r in res] == ["skipped", "ok"]
     assert _texts(stub, queued) == ["A dog"]
     assert sorted(p.name for p in out.glob("001_*.png")) == ["001_a-dog_9_0.png", "001_a-dog_9_1.png"]
