@@ -1,6 +1,7 @@
 """Several stub servers: shortest-queue dispatch, a server killed mid-batch, every server gone."""
 
 import json
+import socket
 import threading
 import time
 
@@ -134,3 +135,15 @@ def test_resume_on_other_servers(stubs, tmp_path):
                           poll_interval=0.005)
     assert [r.status for r in res] == ["skipped"] * 2 + ["ok"] * 3
     assert {r.server for r in res[2:]} <= {b.url, c.url} and len(b.queued) + len(c.queued) == 3
+
+
+def test_a_server_that_accepts_but_never_answers_counts_as_unreachable():
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)  # connections are accepted by the kernel, no reply ever comes
+    try:
+        client = ComfyClient(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.3)
+        with pytest.raises(batch.ComfyConnectionError, match="timed out"):
+            client.queue_remaining()
+    finally:
+        silent.close()
