@@ -1,13 +1,12 @@
+import hashlib
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 
 from dimfix import batch
 from dimfix.batch import ComfyClient
+from zdf_testkit.comfy_stub import running
 
 GRAPH = {
     "3": {"class_type": "KSampler", "inputs": {"seed": 0, "steps": 2, "model": ["4", 0]}, "_meta": {"title": "KSampler"}},
@@ -20,113 +19,10 @@ GRAPH = {
 }
 
 
-class Stub:
-    """In-memory imitation of the few ComfyUI routes the batch runner uses."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.queued = []  # (prompt_id, body)
-        self.history = {}
-        self.files = {}
-        self.polls = {}
-        self.polls_before_done = 1
-        self.posts = []  # (path, body) for /interrupt, /queue
-        self.prompt_reply = None  # callable(body) -> (status, obj) to override /prompt
-        self.outcome = "success"  # or "error" / "never" / "cached"
-        self.images_per_save = 2
-
-    def on_prompt(self, body):
-        if self.prompt_reply is not None:
-            return self.prompt_reply(body)
-        with self.lock:
-            pid = f"p{len(self.queued)}"
-            self.queued.append((pid, body))
-            graph = body["prompt"]
-            texts = [n["inputs"].get("text") for n in graph.values() if n["class_type"] == "CLIPTextEncode"]
-            seed = graph["3"]["inputs"]["seed"]
-            outputs, cached = {}, []
-            k = len(self.files)
-            for nid, node in graph.items():
-                if node["class_type"] in ("SaveImage", "PreviewImage"):
-                    kind = "output" if node["class_type"] == "SaveImage" else "temp"
-                    imgs = []
-                    for j in range(self.images_per_save if kind == "output" else 1):
-                        fname = f"ComfyUI_{k:05d}_.png"
-                        k += 1
-                        self.files[(fname, "sub" if kind == "output" else "", kind)] = (
-                            f"IMG|{texts[0]}|{seed}|{nid}|{j}".encode())
-                        imgs.append({"filename": fname, "subfolder": "sub" if kind == "output" else "", "type": kind})
-                    outputs[nid] = {"images": imgs}
-                    cached.append(nid)
-            status = {"status_str": "success", "completed": True,
-                      "messages": [["execution_start", {"prompt_id": pid}],
-                                   ["execution_cached", {"nodes": cached if self.outcome == "cached" else [],
-                                                         "prompt_id": pid}]]}
-            if self.outcome == "error":
-                status = {"status_str": "error", "completed": False, "messages": [
-                    ["execution_error", {"node_id": "3", "node_type": "KSampler", "exception_type": "RuntimeError",
-                                         "exception_message": "CUDA out of memory\n"}]]}
-                outputs = {}
-            self.history[pid] = {"prompt": [0, pid], "outputs": outputs, "status": status}
-            return 200, {"prompt_id": pid, "number": len(self.queued), "node_errors": {}}
-
-    def get_history(self, pid):
-        with self.lock:
-            self.polls[pid] = self.polls.get(pid, 0) + 1
-            if self.outcome == "never" or pid not in self.history or self.polls[pid] <= self.polls_before_done:
-                return {}
-            return {pid: self.history[pid]}
-
-
-class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status, obj=None, raw=None):
-        data = raw if raw is not None else json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):
-        stub = self.server.stub
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        if self.path == "/prompt":
-            status, obj = stub.on_prompt(body)
-            self._send(status, obj)
-        else:
-            stub.posts.append((self.path, body))
-            self._send(200, raw=b"")
-
-    def do_GET(self):
-        stub = self.server.stub
-        url = urlparse(self.path)
-        if url.path.startswith("/history/"):
-            self._send(200, stub.get_history(url.path.split("/", 2)[2]))
-        elif url.path == "/view":
-            q = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-            key = (q.get("filename"), q.get("subfolder", ""), q.get("type", "output"))
-            if key in stub.files:
-                self._send(200, raw=stub.files[key])
-            else:
-                self._send(404, raw=b"not found")
-        else:
-            self._send(404, raw=b"")
-
-
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.stub = Stub()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    try:
-        yield httpd.stub, f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with running() as stub:
+        yield stub, stub.url
 
 
 def _client(url):
@@ -140,9 +36,11 @@ def test_queue_history_view_round_trip(server):
     stub, url = server
     c = _client(url)
     g = batch.set_input(GRAPH, "6", "text", "a cat")
-    pid = c.queue(g, client_id="abc")
-    assert stub.queued[0][1]["client_id"] == "abc"
+    stub.polls_before_done = 1
+    pid = c.queue(g, client_id="abc", prompt_id="my-id")
+    assert pid == "my-id" and stub.queued[0][1]["client_id"] == "abc"
     assert c.history(pid) is None  # not done on the first poll
+    assert c.queue_remaining() in (0, 1)
     entry = c.wait(pid, timeout=5, poll_interval=0.001)
     refs = c.outputs_images(entry)
     assert [(r["node_id"], r["type"]) for r in refs] == [("9", "output"), ("9", "output"), ("12", "temp")]
@@ -158,15 +56,32 @@ def test_outputs_images_orders_numeric_ids():
     assert ComfyClient.outputs_images({}) == []
 
 
-def test_node_errors_on_200_raise(server):
+def test_node_errors_on_200_raise_and_say_images_may_land(server):
+    """Issue 11 item 6: HTTP 200 with node_errors means the valid part was queued; the error says so."""
     stub, url = server
     stub.prompt_reply = lambda body: (200, {"prompt_id": "x", "number": 1, "node_errors": {
         "12": {"errors": [{"type": "required_input_missing", "message": "Required input is missing",
                            "details": "images", "extra_info": {}}], "dependent_outputs": ["12"],
                "class_type": "PreviewImage"}}})
-    with pytest.raises(batch.ComfyPromptError, match=r"node 12 \(PreviewImage\): Required input is missing: images") as ei:
+    with pytest.raises(batch.ComfyPromptError,
+                       match=r"node 12 \(PreviewImage\): Required input is missing: images") as ei:
         _client(url).queue(GRAPH)
-    assert "12" in ei.value.node_errors
+    assert "12" in ei.value.node_errors and ei.value.queued_prompt_id == "x"
+    assert "queued only the valid part" in str(ei.value)
+    assert "images may still land in ComfyUI's output folder" in str(ei.value)
+    assert ("/queue", {"delete": ["x"]}) in stub.posts  # taken off the queue again
+
+
+def test_cli_partial_graph_exits_2_and_mentions_output_folder(server, tmp_path, capsys):
+    stub, url = server
+    stub.prompt_reply = lambda body: (200, {"prompt_id": "x", "number": 1, "node_errors": {
+        "9": {"errors": [{"message": "Value not in list"}], "class_type": "SaveImage"}}})
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(GRAPH))
+    code = batch.main(["--server", url, "--workflow", str(wf), "--prompt-node", "6", "--out", str(tmp_path / "o"),
+                       "--limit", "1", "--poll", "0.001", "--quiet"])
+    assert code == 2
+    assert "may still land in ComfyUI's output folder" in capsys.readouterr().err
 
 
 def test_http_400_raises_with_server_message(server):
@@ -176,23 +91,17 @@ def test_http_400_raises_with_server_message(server):
         _client(url).queue(GRAPH)
 
 
-def test_execution_error_status_raises(server):
+@pytest.mark.parametrize("outcome,error,match,timeout", [
+    ("error", batch.ComfyExecutionError, r"node 3 \(KSampler\): RuntimeError: CUDA out of memory", 5),
+    ("never", batch.ComfyTimeout, r"prompt \S+ did not finish within 0.05 s", 0.05)])
+def test_wait_raises_on_execution_error_and_timeout(server, outcome, error, match, timeout):
     stub, url = server
-    stub.outcome = "error"
+    stub.outcome = outcome
     c = _client(url)
     pid = c.queue(GRAPH)
-    with pytest.raises(batch.ComfyExecutionError, match=r"node 3 \(KSampler\): RuntimeError: CUDA out of memory"):
-        c.wait(pid, timeout=5, poll_interval=0.001)
-
-
-def test_wait_timeout(server):
-    stub, url = server
-    stub.outcome = "never"
-    c = _client(url)
-    pid = c.queue(GRAPH)
-    with pytest.raises(batch.ComfyTimeout, match=f"prompt {pid} did not finish"):
-        c.wait(pid, timeout=0.05, poll_interval=0.005)
-    assert stub.polls[pid] >= 2
+    with pytest.raises(error, match=match):
+        c.wait(pid, timeout=timeout, poll_interval=0.005)
+    assert stub.polls[pid] >= 1 + (outcome == "never")
 
 
 def test_unreachable_server():
@@ -275,20 +184,28 @@ def test_run_batch_downloads_and_logs(server, tmp_path):
     res = batch.run_batch(_client(url), GRAPH, ["A cat", "Pão de queijo"], "Prompt", seed_selector="KSampler",
                           seed=42, out_dir=out, poll_interval=0.001)
     assert [r.status for r in res] == ["ok", "ok"]
-    assert res[0].files == ["000_a-cat_9_0.png", "000_a-cat_9_1.png", "000_a-cat_12_0.png"]
+    # default fetch: only the SaveImage outputs, not the temp preview of node 12
+    assert res[0].files == ["000_a-cat_9_0.png", "000_a-cat_9_1.png"]
     assert res[1].files[0] == "001_pao-de-queijo_9_0.png"
-    assert (out / "001_pao-de-queijo_12_0.png").read_bytes() == "IMG|Pão de queijo|43|12|0".encode()
+    assert (out / "001_pao-de-queijo_9_1.png").read_bytes() == "IMG|Pão de queijo|43|9|1".encode()
+    assert not list(out.glob("*_12_*"))
     # both Prompt nodes were set, the negative untouched; seeds increment
-    sent = stub.queued[1][1]["prompt"]
-    assert sent["6"]["inputs"]["text"] == sent["7"]["inputs"]["text"] == "Pão de queijo"
-    assert sent["8"]["inputs"]["text"] == ""
-    assert [q[1]["prompt"]["3"]["inputs"]["seed"] for q in stub.queued] == [42, 43]
+    sent = {q[1]["prompt"]["6"]["inputs"]["text"]: q[1]["prompt"] for q in stub.queued}["Pão de queijo"]
+    assert sent["7"]["inputs"]["text"] == "Pão de queijo" and sent["8"]["inputs"]["text"] == ""
+    assert sorted(q[1]["prompt"]["3"]["inputs"]["seed"] for q in stub.queued) == [42, 43]
     assert len({q[1]["client_id"] for q in stub.queued}) == 1
-    lines = _lines(out)
+    lines = sorted(_lines(out), key=lambda l: l["index"])
     assert [l["prompt"] for l in lines] == ["A cat", "Pão de queijo"]
-    assert lines[0]["prompt_id"] == "p0" and lines[0]["status"] == "ok" and lines[0]["seed"] == 42
+    assert lines[0]["prompt_id"] == res[0].prompt_id == stub.queued[0][0]
+    assert lines[0]["status"] == "ok" and lines[0]["seed"] == 42 and lines[0]["server"] == url
     assert lines[0]["files"] == res[0].files and lines[0]["seconds"] >= 0 and lines[0]["cached"] is False
+    assert set(lines[0]["timings"]) >= {"total_s", "fetch_s", "execution_s"}
     assert not list(out.glob(".*.tmp"))
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    f0 = manifest["jobs"]["000_a-cat"]["files"][0]
+    assert f0["name"] == "000_a-cat_9_0.png" and f0["bytes"] == len(b"IMG|A cat|42|9|0")
+    assert f0["sha256"] == hashlib.sha256(b"IMG|A cat|42|9|0").hexdigest()
+    assert stub.views[("ComfyUI_00000_.png", "sub", "output")] == 1
 
 
 def test_run_batch_fixed_seed_and_workflow_seed(server, tmp_path):
@@ -299,33 +216,18 @@ def test_run_batch_fixed_seed_and_workflow_seed(server, tmp_path):
     assert [q[1]["prompt"]["3"]["inputs"]["seed"] for q in stub.queued] == [7, 7, 0]
 
 
-def test_run_batch_never_overwrites(server, tmp_path):
-    stub, url = server
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "000_a-cat_9_0.png").write_bytes(b"mine")
-    res = batch.run_batch(_client(url), GRAPH, ["A cat", "A dog"], "6", out_dir=out, poll_interval=0.001)
-    assert [r.status for r in res] == ["skipped", "ok"]
-    assert (out / "000_a-cat_9_0.png").read_bytes() == b"mine"
-    assert len(stub.queued) == 1  # the skipped prompt was not queued
-    res = batch.run_batch(_client(url), GRAPH, ["A cat"], "6", out_dir=out, overwrite=True, poll_interval=0.001)
-    assert res[0].status == "ok"
-    assert (out / "000_a-cat_9_0.png").read_bytes().startswith(b"IMG|A cat")
-    assert [l["status"] for l in _lines(out)] == ["skipped", "ok", "ok"]
-
-
 def test_run_batch_records_execution_errors_and_timeouts(server, tmp_path):
     stub, url = server
     stub.outcome = "error"
     res = batch.run_batch(_client(url), GRAPH, ["a", "b"], "6", out_dir=tmp_path / "e", poll_interval=0.001)
     assert [r.status for r in res] == ["error", "error"]
     assert "CUDA out of memory" in res[0].error
-    res = batch.run_batch(_client(url), GRAPH, ["a", "b"], "6", out_dir=tmp_path / "s", poll_interval=0.001,
-                          stop_on_error=True)
-    assert len(res) == 1
+    res = batch.run_batch(_client(url), GRAPH, ["a", "b", "c", "d"], "6", out_dir=tmp_path / "s",
+                          poll_interval=0.001, stop_on_error=True, depth=1)
+    assert len(res) == 1  # nothing new was queued after the first failure
     stub.outcome = "never"
     res = batch.run_batch(_client(url), GRAPH, ["a"], "6", out_dir=tmp_path / "t", timeout=0.03,
-                          poll_interval=0.005)
+                          poll_interval=0.005, websocket=False)
     assert res[0].status == "timeout" and _lines(tmp_path / "t")[0]["status"] == "timeout"
 
 
@@ -350,6 +252,8 @@ def test_run_batch_selector_errors_before_queueing(server, tmp_path):
         batch.run_batch(_client(url), GRAPH, ["a"], "Positive", out_dir=tmp_path / "x")
     with pytest.raises(batch.WorkflowError, match="has no input 'seed'"):
         batch.run_batch(_client(url), GRAPH, ["a"], "6", seed_selector="SaveImage", seed=1, out_dir=tmp_path / "x")
+    with pytest.raises(batch.WorkflowError, match="fetch node 'Nope': no node matches"):
+        batch.run_batch(_client(url), GRAPH, ["a"], "6", fetch_nodes=["Nope"], out_dir=tmp_path / "x")
     assert stub.queued == []
 
 
@@ -362,9 +266,9 @@ def test_ctrl_c_interrupts_server_and_stops(server, tmp_path, monkeypatch):
 
     monkeypatch.setattr(c, "wait", boom)
     with pytest.raises(KeyboardInterrupt):
-        batch.run_batch(c, GRAPH, ["a", "b"], "6", out_dir=tmp_path / "i", poll_interval=0.001)
-    assert ("/queue", {"delete": ["p0"]}) in stub.posts
-    assert any(path == "/interrupt" for path, _ in stub.posts)
+        batch.run_batch(c, GRAPH, ["a", "b", "c"], "6", out_dir=tmp_path / "i", poll_interval=0.001, depth=1)
+    assert ("/queue", {"delete": [stub.queued[0][0]]}) in stub.posts
+    assert ("/interrupt", {"prompt_id": stub.queued[0][0]}) in stub.posts
     assert len(stub.queued) == 1
     assert [l["status"] for l in _lines(tmp_path / "i")] == ["interrupted"]
 
@@ -383,13 +287,17 @@ def test_cli_end_to_end(server, tmp_path, capsys):
             "--seed-node", "KSampler", "--seed", "5", "--out", str(out), "--limit", "2", "--poll", "0.001"]
     assert batch.main(args) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["000_a-red-apple_12_0.png", "000_a-red-apple_9_0.png", "000_a-red-apple_9_1.png",
-                     "001_a-blue-car_12_0.png", "001_a-blue-car_9_0.png", "001_a-blue-car_9_1.png", "results.jsonl"]
+    assert names == ["000_a-red-apple_9_0.png", "000_a-red-apple_9_1.png", "001_a-blue-car_9_0.png",
+                     "001_a-blue-car_9_1.png", "index.html", "manifest.json", "results.jsonl"]
     err = capsys.readouterr().err
-    assert "duplicate" in err and "2/2 prompts done" in err
-    # second run: everything skipped, still success
+    assert "duplicate" in err and "2/2 jobs done" in err
+    # second run: everything skipped, still success, nothing queued again
     assert batch.main(args + ["--quiet"]) == 0
-    assert [l["status"] for l in _lines(out)] == ["ok", "ok", "skipped", "skipped"]
+    assert [l["status"] for l in _lines(out)][2:] == ["skipped", "skipped"]
+    assert len(stub.queued) == 2
+    # --fetch all also takes the temp previews
+    assert batch.main(args + ["--out", str(tmp_path / "all"), "--limit", "1", "--fetch", "all", "--quiet"]) == 0
+    assert (tmp_path / "all" / "000_a-red-apple_12_0.png").read_bytes() == b"IMG|A red apple|5|12|0"
 
 
 def test_cli_default_corpus_and_errors(server, tmp_path, capsys):
