@@ -32,7 +32,8 @@ PROMPTS = ["a red bicycle", "a bowl of soup", "a snowy cabin", "an orange kite"]
 TINY_INPUTS = {"UNETLoader": ("unet_name", "dit"), "CLIPLoader": ("clip_name", "te"),
                "VAELoader": ("vae_name", "vae"), "DimFixQwen3EmbeddingLoader": ("model_name", "substitute")}
 SMALL_INPUTS = {"EmptySD3LatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 1},
-                "DimFixDimensionAnalyzer": {"prompts": "a fox\nan old lighthouse\na dew drop"}}
+                "DimFixDimensionAnalyzer": {"prompts": "a fox\nan old lighthouse\na dew drop"},
+                "DimFixQwen3EmbeddingLoader": {"analysis_only": True}}  # the tiny encoders are 64 wide
 
 
 def _grid_graph(names: dict) -> dict:
