@@ -7,8 +7,8 @@ The outlier handling of blending (:func:`outlier_plan`) is a plan of the same ki
 The table's *target* statistics describe the embedding being fixed; its *reference* statistics
 describe what the DiT expects.
 
-Origin modes (:data:`ORIGIN_MODES`, the original research's ``apply_fixes``, reproduced exactly with table statistics in
-place of the same-prompt "emb"/"qwen3" statistics):
+Origin modes (:data:`ORIGIN_MODES`: the original research's ``apply_fixes``, reproduced exactly with
+table statistics in place of the same-prompt "emb"/"qwen3" statistics):
 
 - ``none``: unchanged.
 - ``rescale``: outlier dims (σ_tgt/q > τ or < 1/τ, q = σ_ref or 1 when σ_ref < 1e-6) with
@@ -36,10 +36,9 @@ Improved modes:
 
 For every mode except ``affine``, ``strength`` interpolates between the input (0) and the fully fixed
 result (1). Outlier/dead/hyperactive classes are the rules of :mod:`dimfix.rules` with the table's
-thresholds unless others are passed; for parity with the original research the fixes use its ratio
-(``σ_tgt/q``) and its lower median (``rules.median(lower=True)``), while the analysis report uses the
-relative-epsilon ratio and the true median, so a dim within a hair of a threshold can be listed by one
-and not the other.
+thresholds unless others are passed, as the analysis report applies them (true median, relative
+epsilon of the ratio); only the origin modes use the original research's ratio ``σ_tgt/q`` and lower
+median (``classify_dims(origin=True)``), for parity with it.
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ OUTLIER_MODES = ("none", "mean", "rescale", "clamp")
 class DimFlags:
     """Per-dim boolean classes of a table (all bool [D]); see :func:`classify_dims`."""
 
-    ratio: torch.Tensor  # float64 [D] σ_tgt / q, q = σ_ref (or 1 when σ_ref < 1e-6)
+    ratio: torch.Tensor  # float64 [D] σ_tgt / σ_ref (see classify_dims)
     high: torch.Tensor
     low: torch.Tensor
     target_dead: torch.Tensor
@@ -88,16 +87,21 @@ class DimFlags:
         return self.target_hyper & ~self.reference_hyper
 
 
-def classify_dims(table: FixTable, thresholds: Thresholds | None = None) -> DimFlags:
-    """Outlier (two-sided std ratio), dead and hyperactive dims of the table (origin rules, float64)."""
+def classify_dims(table: FixTable, thresholds: Thresholds | None = None, origin: bool = False) -> DimFlags:
+    """Outlier (two-sided std ratio), dead and hyperactive dims of the table, in float64.
+
+    The rules of :mod:`dimfix.rules` as the analysis applies them; ``origin=True``: with the original
+    research's ratio ``σ_tgt/q`` and lower median (its modes use these, for parity).
+    """
     th = thresholds or table.meta.thresholds
     s_ref = table.reference_std.double()
     s_tgt = table.target_std.double()
-    ratio = rules.std_ratio(s_tgt, s_ref, origin=True)
+    ratio = rules.std_ratio(s_tgt, s_ref, th.eps_rel, origin=origin)
     high, low = rules.outliers(ratio, th.outlier_ratio)
     return DimFlags(ratio=ratio, high=high, low=low,
-                    target_dead=rules.dead(s_tgt, th, lower=True), reference_dead=rules.dead(s_ref, th, lower=True),
-                    target_hyper=rules.hyper(s_tgt, th, lower=True), reference_hyper=rules.hyper(s_ref, th, lower=True))
+                    target_dead=rules.dead(s_tgt, th, lower=origin), reference_dead=rules.dead(s_ref, th, lower=origin),
+                    target_hyper=rules.hyper(s_tgt, th, lower=origin),
+                    reference_hyper=rules.hyper(s_ref, th, lower=origin))
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,7 @@ def _origin(p: _Draft, mode: str, table: FixTable, th: Thresholds) -> None:
     if mode == "full":
         p.to_reference(usable)
         return
-    flags = classify_dims(table, th)
+    flags = classify_dims(table, th, origin=True)
     sel = flags.outlier & usable
     p.scale[sel] = p.sd_r[sel] / p.sd_t[sel]  # about 0, as the original research did
     if mode in ("mask", "clamp"):  # the origin's dead rule: σ < dead_abs only (no relative rule)

@@ -337,3 +337,14 @@ def test_plan_to_device_keeps_values():
     assert moved is not plan and torch.equal(moved.scale, plan.scale) and torch.equal(moved.hi, plan.hi)
     assert torch.equal(moved.dims, plan.dims)
     assert torch.equal(fixes.apply_plan(x_hand(), moved), fixes.apply_plan(x_hand(), plan))
+
+
+def test_origin_modes_classify_with_the_origin_rules_the_others_like_the_analysis():
+    f = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    th = Thresholds(hyper_mult=4.0)
+    t = FixTable(f([0, 0, 0, 0]), f([1, 1, 1, 1]), f([0, 0, 0, 0]), f([1, 2, 4, 10]),
+                 meta=FixTableMeta(thresholds=th))
+    # target σ median: 3 (true), 2 (lower): 10 > 4·2 but 10 < 4·3
+    assert fixes.classify_dims(t, origin=True).target_only_hyper.tolist() == [False, False, False, True]
+    assert fixes.classify_dims(t).target_only_hyper.tolist() == [False] * 4
+    assert fixes.plan_fix(t, "clamp").lo is not None and bool(torch.isfinite(fixes.plan_fix(t, "clamp").lo[3]))
