@@ -40,3 +40,14 @@ def near_identity_mix(dim: int, strength: float = 0.35, seed: int = 0) -> np.nda
             mix[:, d] = 0.0
             mix[d, d] = 1.0
     return mix / np.linalg.norm(mix, axis=1, keepdims=True)
+
+
+def synthetic_cap_weights(sigma: np.ndarray, out_dim: int = 96, seed: int = 0):
+    """``(gain [D], weight [out, D], bias [out])`` of a stand-in caption embedder (RMSNorm + Linear)
+    whose gain damps each dim by ``median σ / σ_d`` (times U(0.5, 1.5)), so that no dim dominates the
+    caption features: an assumption about the trained weights, which are not available here."""
+    g = np.random.default_rng(seed)
+    dim = sigma.size
+    gain = np.median(sigma) / sigma * g.uniform(0.5, 1.5, dim)
+    weight = g.standard_normal((out_dim, dim)) / np.sqrt(dim)
+    return gain, weight, 0.1 * g.standard_normal(out_dim)
