@@ -185,12 +185,15 @@ def _ridge_path(tr: _Side, ho: _Side | None, lam: torch.Tensor, q: torch.Tensor,
     held = {}
     if ho is not None:
         hq = ho.cxx @ q
+        ho.cxx = None  # free each [D, D] buffer as soon as it is used (peak memory)
         held["h"] = q.T @ hq
         del hq
         rr = q.T @ ho.cxr
+        ho.cxr = None
         held["rp"] = (rr * pm).sum(1)
         held["rmat"] = rr
-        hg = held["h"] * (pm @ p.T)
+        hg = pm @ p.T
+        hg.mul_(held["h"])
         held["qv"] = q.T @ (ho.mx - tr.mx)
         held["u"] = ho.mr - tr.mr
     mean_eig = float(lam.clamp(min=0).sum()) / lam.numel()
@@ -234,7 +237,7 @@ def _fit_lowrank(tr: _Side, ho: _Side | None, lam: torch.Tensor, q: torch.Tensor
     """Reduced-rank solution in the metric for each rank; returns (best rank, U, Z, errors, path)."""
     m_half, m_ihalf = _sqrt_metric(m)
     dp = d[:, None] * p
-    f = p.T @ dp  # fitted-value covariance Δ̂(C̃xx + λ)Δ̂ᵀ
+    f = p.T @ dp  # fitted-value covariance Δ̂(C̃xx + λ)Δ̂ᵀ (symmetric: Pᵀ diag(d) P)
     if m_half is not None:
         f = m_half @ f @ m_half
     rmax = max(ranks)
@@ -351,8 +354,6 @@ def _solve(train: PairSums, held: PairSums | None, mu: torch.Tensor, sig: torch.
         alist = [a for a in alist if a > 0] or [DEFAULT_ALPHA]
         notes.append(f"ill-conditioned inputs (condition number {cond:.3g}): unregularised fit excluded")
     path, heldt = _ridge_path(tr, ho, lam, q, p, m, alist)
-    if ho is not None:
-        ho.cxx = ho.cxr = None
     a, e_tr, e_ho = min(path, key=lambda t: t[2]) if ho is not None else path[0]
     lam_abs = a * float(lam.sum()) / dim
     d = 1.0 / (lam + lam_abs)

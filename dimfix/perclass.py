@@ -37,7 +37,8 @@ PREFIX_TOL = 1e-2
 __all__ = ["ClassCorrection", "PrefixStats", "moment_match", "class_corrections", "apply_classwise", "PREFIX_TOL"]
 
 
-def moment_match(ref: DimStats, tgt: DimStats, thresholds: Thresholds = Thresholds()) -> tuple[torch.Tensor, torch.Tensor]:
+def moment_match(ref: DimStats, tgt: DimStats,
+                 thresholds: Thresholds = Thresholds()) -> tuple[torch.Tensor, torch.Tensor]:
     """Dead-dim-safe per-dim ``(scale, shift)`` (float32 ``[D]``) mapping ``tgt``'s moments onto ``ref``'s."""
     comp = compare(ref, tgt, thresholds)
     mu_r, mu_t = ref.mean, tgt.mean
