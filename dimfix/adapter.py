@@ -279,8 +279,11 @@ def _identity(dim: int, note: str) -> AdapterFit:
 def _check(train: PairSums, held: PairSums | None, ref_mean: torch.Tensor, ref_std: torch.Tensor):
     if not isinstance(train, PairSums):
         raise TypeError(f"fit_adapters: train must be a PairSums, got {type(train).__name__}")
+    train.flush()
     if held is not None and (not isinstance(held, PairSums) or held.dim != train.dim):
         raise ValueError("fit_adapters: held must be a PairSums of the same width as train (or None)")
+    if held is not None:
+        held.flush()
     if held is not None and (held.metric_factor is None) != (train.metric_factor is None):
         raise ValueError("fit_adapters: train and held sums must use the same metric factor")
     mu = torch.as_tensor(ref_mean).detach().to("cpu", _F64).reshape(-1)

@@ -102,6 +102,8 @@ class MixedDims:
 def mixed_dims(pairs: PairSums, corr_min: float = 0.9, sigma_band: float = 1.5) -> MixedDims:
     """Dims whose aligned-token correlation is below ``corr_min`` while σ_tgt/σ_ref is within
     ``[1/sigma_band, sigma_band]`` (``pairs`` may be ``full=False``)."""
+    if isinstance(pairs, PairSums):
+        pairs.flush()
     if not isinstance(pairs, PairSums) or pairs.count < 2:
         raise ValueError("mixed_dims: need a PairSums with at least 2 aligned token pairs")
     if not sigma_band >= 1.0:

@@ -9,7 +9,8 @@ were tokenised differently. :func:`is_heldout` splits prompts deterministically 
 and ``y``, the centred cross-moment matrices ``Cxx = Σ w (x-x̄)(x-x̄)ᵀ`` and ``Cxy = Σ w (x-x̄)(y-ȳ)ᵀ``
 (``[D, D]``; omitted with ``full=False``), their diagonals and the diagonal of ``Cyy``, plus, when a
 metric factor ``A`` (``[k, D]``) is given, ``qyy = Σ w |A (y-ȳ)|²``. Each update is centred about its
-own mean and merged by the exact pairwise (Chan et al.) formulas, so dims with mean ≈ 925 and
+own mean and merged by the exact pairwise (Chan et al.) formulas (updates are buffered up to
+:data:`BUFFER_ROWS` rows and merged together: the sums do not depend on how rows are grouped), so dims with mean ≈ 925 and
 σ ≈ 2750 next to σ ≈ 0.01 stay accurate. No token matrix is kept: memory is ``2·D²·8`` bytes
 (52 MB each at D = 2560).
 """
@@ -25,6 +26,8 @@ from .tokens import ENDOFTEXT
 
 _F64 = torch.float64
 CHUNK_ROWS = 4096
+#: Rows buffered across updates before one merge (larger matrix products: ~1.5× faster at D = 2560).
+BUFFER_ROWS = 512
 
 __all__ = ["PairSums", "align_token_ids", "is_heldout", "rmsnorm_weights"]
 
@@ -101,6 +104,8 @@ class PairSums:
                 raise ValueError(f"PairSums: metric_factor must be [k, {self.dim}], got {tuple(a.shape)}")
             self.metric_factor = a
         self.qyy = 0.0
+        self._buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._buf_rows = 0
 
     def update(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Add aligned pairs: target ``x`` and reference ``y`` (``[..., D]``, same shape; never modified).
@@ -116,17 +121,36 @@ class PairSums:
             w = torch.as_tensor(weight).detach().to("cpu", _F64).reshape(-1)
             if w.numel() != xs.shape[0] or not bool((w > 0).all()) or not bool(torch.isfinite(w).all()):
                 raise ValueError(f"PairSums.update: weight must hold {xs.shape[0]} finite values > 0")
-        for start in range(0, xs.shape[0], CHUNK_ROWS):
-            cw = None if w is None else w[start:start + CHUNK_ROWS]
-            self._add_chunk(xs[start:start + CHUNK_ROWS].to(_F64), ys[start:start + CHUNK_ROWS].to(_F64), cw)
-
-    def _add_chunk(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> None:
-        if x.shape[0] == 0:
+        if xs.shape[0] == 0:
             return
-        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        x64, y64 = xs.to("cpu", _F64), ys.to("cpu", _F64)
+        if not (torch.isfinite(x64).all() and torch.isfinite(y64).all()):
             raise ValueError("PairSums.update: x or y contains NaN or infinite values "
                              "(fp16 overflow? encode in bf16/fp32)")
-        w = torch.ones(x.shape[0], dtype=_F64) if w is None else w
+        if x64.data_ptr() == xs.data_ptr():
+            x64 = x64.clone()  # buffered: never keep a view of the caller's tensor
+        if y64.data_ptr() == ys.data_ptr():
+            y64 = y64.clone()
+        self._buf.append((x64, y64, torch.ones(x64.shape[0], dtype=_F64) if w is None else w))
+        self._buf_rows += x64.shape[0]
+        if self._buf_rows >= BUFFER_ROWS:
+            self.flush()
+
+    def flush(self) -> "PairSums":
+        """Fold the buffered rows into the sums (every reader below calls it; call it before reading
+        the fields directly). Returns ``self``."""
+        if not self._buf:
+            return self
+        xs = torch.cat([b[0] for b in self._buf])
+        ys = torch.cat([b[1] for b in self._buf])
+        ws = torch.cat([b[2] for b in self._buf])
+        self._buf, self._buf_rows = [], 0
+        for start in range(0, xs.shape[0], CHUNK_ROWS):
+            sl = slice(start, start + CHUNK_ROWS)
+            self._add_chunk(xs[sl], ys[sl], ws[sl])
+        return self
+
+    def _add_chunk(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> None:
         nb = float(w.sum())
         mx, my = (w @ x) / nb, (w @ y) / nb
         xc, yc = x - mx, y - my
@@ -161,7 +185,7 @@ class PairSums:
                 self.metric_factor is not None and not torch.equal(self.metric_factor, other.metric_factor)):
             raise ValueError("PairSums.merge: both sums must use the same metric_factor")
         out = PairSums(self.dim, self.full, self.metric_factor)
-        for part in (self, other):
+        for part in (self.flush(), other.flush()):
             out._absorb(part)
         return out
 
@@ -186,9 +210,10 @@ class PairSums:
 
     def correlation(self) -> torch.Tensor:
         """Per-dim Pearson correlation of aligned ``x`` and ``y`` (float32 ``[D]``; NaN for constant dims)."""
+        self.flush()
         den = (self.dxx * self.dyy).sqrt()
         r = torch.where(den > 0, self.dxy / den, torch.full_like(den, float("nan")))
         return r.clamp(-1.0, 1.0).float()
 
     def __repr__(self) -> str:
-        return f"PairSums(dim={self.dim}, count={self.count}, full={self.full})"
+        return f"PairSums(dim={self.dim}, count={self.count + self._buf_rows}, full={self.full})"

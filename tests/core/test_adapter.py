@@ -29,7 +29,7 @@ def _sums(prompts, dim=12, metric=None, weights=None):
     s = PairSums(dim, metric_factor=metric)
     for i, (x, y) in enumerate(prompts):
         s.update(torch.from_numpy(x), torch.from_numpy(y), None if weights is None else weights[i])
-    return s
+    return s.flush()
 
 
 def _stack(prompts):
@@ -227,3 +227,19 @@ def test_heldout_split_is_deterministic():
     assert flags == [is_heldout(f"prompt number {i}") for i in range(4000)]
     assert abs(sum(flags) / 4000 - 0.2) < 0.03
     assert not any(is_heldout(f"p{i}", 0.0) for i in range(50))
+
+
+def test_buffered_updates_keep_no_view_and_reject_nan():
+    prompts = _pairs(n_prompts=4, seed=10)
+    s = PairSums(12)
+    x, y = (torch.from_numpy(a.copy()) for a in prompts[0])
+    s.update(x, y)
+    ref = _sums(prompts[:1])
+    x.mul_(100.0)  # the caller reuses its buffer: the sums must not change
+    s.flush()
+    assert torch.equal(s.cxx, ref.cxx) and torch.equal(s.mean_x, ref.mean_x)
+    bad = torch.from_numpy(prompts[1][0].copy())
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        s.update(bad, torch.from_numpy(prompts[1][1]))
+    assert s.flush().count == ref.count
