@@ -232,21 +232,36 @@ def _sqrt_metric(m: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Ten
     return (vec * ev.sqrt()) @ vec.T, (vec * ev.rsqrt()) @ vec.T
 
 
+def _top_eigvecs(apply, dim: int, r: int, oversample: int = 16, passes: int = 8) -> torch.Tensor:
+    """Top-``r`` eigenvectors (descending) of the symmetric PSD operator ``apply`` on R^dim: exact for
+    small ``dim``, else randomized subspace iteration (``passes`` products with ``r + oversample``
+    columns, then Rayleigh-Ritz), which needs no ``[D, D]`` matrix."""
+    k = r + oversample
+    if k >= dim:
+        ev, vec = torch.linalg.eigh(apply(torch.eye(dim, dtype=_F64)))
+        return vec.flip(-1)[:, :r].contiguous()
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(dim, k, dtype=_F64, generator=g)).Q
+    for _ in range(passes):
+        basis = torch.linalg.qr(apply(basis)).Q
+    ev, vec = torch.linalg.eigh(basis.T @ apply(basis))
+    return (basis @ vec.flip(-1)[:, :r]).contiguous()
+
+
 def _fit_lowrank(tr: _Side, ho: _Side | None, lam: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
                  d: torch.Tensor, held: dict, m: torch.Tensor | None, ranks: list[int]):
-    """Reduced-rank solution in the metric for each rank; returns (best rank, U, Z, errors, path)."""
+    """Reduced-rank solution in the metric for each rank (top eigenvectors of the fitted-value
+    covariance, see :func:`_top_eigvecs`); returns (best rank, U, Z, errors, path)."""
     m_half, m_ihalf = _sqrt_metric(m)
-    dp = d[:, None] * p
-    f = p.T @ dp  # fitted-value covariance Δ̂(C̃xx + λ)Δ̂ᵀ (symmetric: Pᵀ diag(d) P)
-    if m_half is not None:
-        f = m_half @ f @ m_half
-    rmax = max(ranks)
-    dim = f.shape[0]
-    _, vec = scipy.linalg.eigh(f.numpy(), subset_by_index=[dim - rmax, dim - 1], check_finite=False)
-    del f
-    vtop = torch.from_numpy(np.ascontiguousarray(vec[:, ::-1]))
+
+    def fitted_cov(v: torch.Tensor) -> torch.Tensor:  # v ↦ M½ Pᵀ diag(d) P M½ v, never formed as [D, D]
+        w = v if m_half is None else m_half @ v
+        w = p.T @ (d[:, None] * (p @ w))
+        return w if m_half is None else m_half @ w
+
+    vtop = _top_eigvecs(fitted_cov, p.shape[0], max(ranks))
     u_all = vtop if m_ihalf is None else m_ihalf @ vtop
-    z_all = dp @ (vtop if m_half is None else m_half @ vtop)
+    z_all = d[:, None] * (p @ (vtop if m_half is None else m_half @ vtop))
     path, best = [], None
     for r in ranks:
         u, z = u_all[:, :r], z_all[:, :r]
@@ -345,7 +360,7 @@ def _solve(train: PairSums, held: PairSums | None, mu: torch.Tensor, sig: torch.
     if ho is None:
         notes.append(f"no held-out pairs: ridge alpha fixed at {DEFAULT_ALPHA if len(alphas) > 1 else alphas[0]:g}, "
                      f"largest rank kept")
-    w_lam, w_q = scipy.linalg.eigh(tr.cxx.numpy().T, overwrite_a=True, check_finite=False, driver="evr")
+    w_lam, w_q = scipy.linalg.eigh(tr.cxx.numpy().T, overwrite_a=True, check_finite=False, driver="evd")
     tr.cxx = None
     lam, q = torch.from_numpy(w_lam).clamp(min=0.0), torch.from_numpy(np.ascontiguousarray(w_q))
     del w_q

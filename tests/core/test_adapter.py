@@ -243,3 +243,29 @@ def test_buffered_updates_keep_no_view_and_reject_nan():
     with pytest.raises(ValueError, match="NaN"):
         s.update(bad, torch.from_numpy(prompts[1][1]))
     assert s.flush().count == ref.count
+
+
+def test_lowrank_randomized_subspace_matches_svd_reference():
+    from zdf_testkit.profiles import qwen_like_profile
+
+    d, r = 96, 4
+    mu, sig = qwen_like_profile(d)
+    g = np.random.default_rng(11)
+    u0, v0 = g.standard_normal((d, r)), g.standard_normal((d, r)) * 0.2
+    s = PairSums(d)
+    xs, ys = [], []
+    for _ in range(30):
+        z = g.standard_normal((50, d))
+        x, y = mu + sig * z, mu + sig * (z + z @ v0 @ u0.T + 0.01 * g.standard_normal((50, d)))
+        s.update(torch.from_numpy(x), torch.from_numpy(y))
+        xs.append(x)
+        ys.append(y)
+    fit = fit_adapters(s, None, mu, sig, alphas=(0.0,), ranks=(r,))["adapter_lowrank"]
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    xw, yw = (x - mu) / sig, (y - mu) / sig
+    xc, rc = xw - xw.mean(0), (yw - yw.mean(0)) - (xw - xw.mean(0))
+    full = np.linalg.lstsq(xc, rc, rcond=None)[0]
+    vr = np.linalg.svd(xc @ full, full_matrices=False)[2][:r].T
+    ref = (sig[:, None] * (vr @ vr.T @ full.T)) / sig[None, :]
+    got = (fit.u.double() @ fit.v.double().T).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
