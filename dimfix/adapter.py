@@ -232,6 +232,18 @@ def _sqrt_metric(m: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Ten
     return (vec * ev.sqrt()) @ vec.T, (vec * ev.rsqrt()) @ vec.T
 
 
+def _orthonormal(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of ``y`` (tall): Cholesky-QR twice (matrix products only),
+    Householder QR when the columns are (numerically) dependent."""
+    q = y
+    for _ in range(2):
+        chol, info = torch.linalg.cholesky_ex(q.T @ q)
+        if int(info) != 0:
+            return torch.linalg.qr(y).Q
+        q = torch.linalg.solve_triangular(chol, q.T, upper=False).T
+    return q
+
+
 def _top_eigvecs(apply, dim: int, r: int, oversample: int = 16, passes: int = 8) -> torch.Tensor:
     """Top-``r`` eigenvectors (descending) of the symmetric PSD operator ``apply`` on R^dim: exact for
     small ``dim``, else randomized subspace iteration (``passes`` products with ``r + oversample``
@@ -241,9 +253,9 @@ def _top_eigvecs(apply, dim: int, r: int, oversample: int = 16, passes: int = 8)
         ev, vec = torch.linalg.eigh(apply(torch.eye(dim, dtype=_F64)))
         return vec.flip(-1)[:, :r].contiguous()
     g = torch.Generator().manual_seed(0)
-    basis = torch.linalg.qr(torch.randn(dim, k, dtype=_F64, generator=g)).Q
+    basis = _orthonormal(torch.randn(dim, k, dtype=_F64, generator=g))
     for _ in range(passes):
-        basis = torch.linalg.qr(apply(basis)).Q
+        basis = _orthonormal(apply(basis))
     ev, vec = torch.linalg.eigh(basis.T @ apply(basis))
     return (basis @ vec.flip(-1)[:, :r]).contiguous()
 

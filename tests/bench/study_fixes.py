@@ -15,13 +15,15 @@ the target), prompts split train / held out by :func:`dimfix.pairs.is_heldout`:
 Every mode is scored by its held-out caption-space error (a stand-in caption embedder: RMSNorm with
 a gain that damps each dim by median σ / σ_d, then a random Linear) divided by that of the
 closed-form least-squares linear map (``numpy.linalg.lstsq`` on the explicit training tokens).
-The performance part fits 50,000 pairs at width 2560 (time, peak RSS beyond the start) and times
-the full adapter on [1, 300, 2560] against one float32 matmul of that size.
+The performance part (a fresh process with a fixed glibc mmap threshold, so that the peak RSS is live
+memory) fits 50,000 pairs at width 2560 (wall and CPU time, peak RSS beyond the start) and times the
+full adapter on [1, 300, 2560] against one float32 matmul of that size.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import subprocess
 import sys
@@ -186,26 +188,26 @@ def perf(pairs: int = 50_000, dim: int = 2560, per: int = 100) -> dict[str, floa
     base = torch.randn(per, dim, generator=g)
     mix = torch.eye(dim) + 0.02 * torch.randn(dim, dim, generator=g)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    t0 = time.perf_counter()
     train, held = PairSums(dim), PairSums(dim)
-    gen = 0.0
+    acc = acc_cpu = 0.0
     for i in range(pairs // per):
-        t1 = time.perf_counter()
         z = base.roll(i, 0) * (1.0 + 0.01 * (i % 7)) + 0.1 * torch.randn(per, dim, generator=g)
         y = mean.float() + sigma.float() * z
         x = mean.float() + sigma.float() * (z @ mix.T)
-        gen += time.perf_counter() - t1
+        t0, c0 = time.perf_counter(), time.process_time()
         (held if is_heldout(f"perf prompt {i}") else train).update(x, y)
-    acc = time.perf_counter() - t0 - gen
-    t1 = time.perf_counter()
+        acc, acc_cpu = acc + time.perf_counter() - t0, acc_cpu + time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    train.flush()
+    held.flush()
     fits = fit_adapters(train, held, mean, sigma, consume=True)
-    fit = time.perf_counter() - t1
+    fit, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - rss0
     w, b = fits["adapter"].weight, fits["adapter"].bias
     xc = torch.randn(1, 300, dim)
     ratio = _interleaved(lambda: fits["adapter"].apply(xc), lambda: torch.matmul(xc, w.T))
-    return {"accumulate_s": acc, "fit_s": fit, "total_s": acc + fit, "peak_mb": peak, "apply_ratio": ratio,
-            "bias_norm": float(b.norm())}
+    return {"accumulate_s": acc, "fit_s": fit, "total_s": acc + fit, "total_cpu_s": acc_cpu + fit_cpu,
+            "peak_mb": peak, "apply_ratio": ratio, "load_average": os.getloadavg()[0]}
 
 
 def _interleaved(fn, ref, repeat: int = 40, number: int = 5) -> float:
@@ -259,7 +261,10 @@ def main() -> None:
     print()
     print(markdown(results))
     if not args.no_perf:
-        out = subprocess.run([sys.executable, __file__, "--perf-only"], capture_output=True, text=True, check=True)
+        # a fixed mmap threshold makes freed [D, D] buffers return to the OS, so the peak RSS is live memory
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        out = subprocess.run([sys.executable, __file__, "--perf-only"], capture_output=True, text=True, check=True,
+                             env=env)
         print()
         print(out.stdout.strip())
 
