@@ -269,3 +269,18 @@ def test_lowrank_randomized_subspace_matches_svd_reference():
     ref = (sig[:, None] * (vr @ vr.T @ full.T)) / sig[None, :]
     got = (fit.u.double() @ fit.v.double().T).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4 * np.abs(ref).max())
+
+
+def test_adapter_tensors_round_trip_through_a_fix_table(tmp_path):
+    from dimfix.fixtable import FixTable, load_fix_table, save_fix_table
+
+    prompts = _pairs(n_prompts=40, seed=12)
+    fits = fit_adapters(_sums(prompts[:30]), _sums(prompts[30:]), MU, SIG, ranks=(2, 4))
+    extras = {**fits["adapter"].tensors("adapter"), **fits["adapter_lowrank"].tensors("adapter_lowrank")}
+    assert set(extras) == {"adapter_weight", "adapter_bias", "adapter_lowrank_u", "adapter_lowrank_v",
+                           "adapter_lowrank_mean", "adapter_lowrank_shift"}
+    f32 = lambda a: torch.from_numpy(a).float()  # noqa: E731
+    table = FixTable(f32(MU), f32(SIG), f32(MU), f32(SIG), extras=extras)
+    back = load_fix_table(save_fix_table(table, tmp_path / "t.safetensors"))
+    for name, t in extras.items():
+        assert torch.equal(back.extras[name], t), name
