@@ -182,6 +182,7 @@ def test_fallbacks_are_finite_and_explained():
     assert fits["adapter"].kind == "lowrank" and any("underdetermined" in n for n in fits["adapter"].notes)
     dead = [(np.where(np.arange(12) == 2, 4.0, x), y) for x, y in _pairs(seed=7)]  # dim 2 constant
     fits2 = fit_adapters(_sums(dead), _sums(_pairs(seed=8)), MU, SIG)
+    assert any("ill-conditioned" in n for n in fits2["adapter"].notes) and fits2["adapter"].alpha > 0
     for out in (fits, fits2):
         for f in out.values():
             w, b = f.affine()
