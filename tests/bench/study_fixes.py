@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from _bench_util import load_core  # noqa: E402
+from bench_fix import ratio as interleaved_ratio  # noqa: E402
 
 load_core()
 from dimfix import fixes  # noqa: E402
@@ -205,21 +206,9 @@ def perf(pairs: int = 50_000, dim: int = 2560, per: int = 100) -> dict[str, floa
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - rss0
     w, b = fits["adapter"].weight, fits["adapter"].bias
     xc = torch.randn(1, 300, dim)
-    ratio = _interleaved(lambda: fits["adapter"].apply(xc), lambda: torch.matmul(xc, w.T))
+    ratio = interleaved_ratio(lambda: fits["adapter"].apply(xc), lambda: torch.matmul(xc, w.T), repeat=40)
     return {"accumulate_s": acc, "fit_s": fit, "total_s": acc + fit, "total_cpu_s": acc_cpu + fit_cpu,
             "peak_mb": peak, "apply_ratio": ratio, "load_average": os.getloadavg()[0]}
-
-
-def _interleaved(fn, ref, repeat: int = 40, number: int = 5) -> float:
-    fn(), ref()
-    best = [float("inf"), float("inf")]
-    for _ in range(repeat):
-        for i, f in enumerate((fn, ref)):
-            t0 = time.perf_counter()
-            for _ in range(number):
-                f()
-            best[i] = min(best[i], (time.perf_counter() - t0) / number)
-    return best[0] / best[1]
 
 
 def markdown(results: dict[str, dict]) -> str:
