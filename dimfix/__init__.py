@@ -22,10 +22,16 @@ Modules (import the ones you need; ``plots`` imports matplotlib lazily):
 - ``plots``       matplotlib figures as RGB arrays (and the analysis' figures)
 - ``grid``        labelled comparison grid
 - ``batch``       ComfyUI HTTP API batch runner (``python -m dimfix.batch``)
+- ``pairs``       token-aligned (target, reference) pairs: alignment, prompt split, streaming pair sums
+- ``adapter``     learned linear corrections (``adapter``, ``adapter_lowrank``) fitted from pair sums
+- ``perclass``    per-token-class statistics and dead-dim-safe corrections, constant prefix vectors
+- ``diagnostics`` shape and mixed dims, standardised / caption-space similarity, the DiT-aware verdict
+- ``evaluate``    held-out evaluation of every fix mode and the recommended mode
+- ``repair``      the analysis' repair study: fits, evaluates and stores the learned and per-class modes
 """
 
 __all__ = [
-    "analysis", "batch", "blend", "checkpoint", "compare", "conditioning", "config", "corpus", "dit",
-    "fixes", "fixtable", "grid", "layers", "plots", "report", "result", "rules", "safetensors_header", "stats",
+    "adapter", "analysis", "batch", "blend", "checkpoint", "compare", "conditioning", "config", "corpus", "diagnostics", "dit",
+    "evaluate", "fixes", "fixtable", "grid", "layers", "pairs", "perclass", "plots", "repair", "report", "result", "rules", "safetensors_header", "stats",
     "tokens",
 ]

@@ -27,14 +27,41 @@ import torch
 
 from .compare import compare
 from .config import Thresholds
-from .stats import ClassedStats, DimStats
-from .tokens import TEMPLATE_PREFIX_IDS, TokenClass, classify_positions
+from .stats import DimStats
+from .tokens import TEMPLATE_PREFIX_IDS, TokenClass, classify_positions, scope_mask
 
 _F64 = torch.float64
 #: Largest relative spread (max - min over prompts, / RMS of the vector) of a "constant" position.
 PREFIX_TOL = 1e-2
 
-__all__ = ["ClassCorrection", "PrefixStats", "moment_match", "class_corrections", "apply_classwise", "PREFIX_TOL"]
+__all__ = ["ClassedStats", "ClassCorrection", "PrefixStats", "moment_match", "class_corrections", "apply_classwise", "PREFIX_TOL"]
+
+
+class ClassedStats:
+    """One :class:`DimStats` per :class:`TokenClass` (moments; a percentile sample if ``sample_rows``)."""
+
+    def __init__(self, dim: int, sample_rows: int = 0, seed: int = 0) -> None:
+        self.dim = int(dim)
+        self.by_class = {c: DimStats(dim, sample_rows, seed + int(c)) for c in TokenClass}
+
+    def update(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """Accumulate one prompt's tokens ``x`` ``[T, D]`` with their class ``labels`` ``[T]``."""
+        if x.dim() != 2 or labels.shape != x.shape[:1]:
+            raise ValueError(f"ClassedStats.update: x must be [T, {self.dim}] with labels [T], got "
+                             f"{tuple(x.shape)} and {tuple(labels.shape)}")
+        for c, stats in self.by_class.items():
+            mask = labels == int(c)
+            if bool(mask.any()):
+                stats.update(x, mask)
+
+    def scope(self, token_scope: str) -> DimStats:
+        """The classes of ``token_scope`` merged (see :data:`dimfix.tokens.SCOPES`)."""
+        classes = torch.tensor([int(c) for c in TokenClass], dtype=torch.int64)
+        picked = [TokenClass(int(c)) for c in classes[scope_mask(classes, token_scope)]]
+        out = DimStats(self.dim, 0)
+        for c in picked:
+            out = out.merge(self.by_class[c])
+        return out
 
 
 def moment_match(ref: DimStats, tgt: DimStats,

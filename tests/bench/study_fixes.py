@@ -47,7 +47,8 @@ from dimfix.evaluate import ModeEvaluator, adapter_mode, classwise_mode, perdim_
 from dimfix.fixtable import FixTable  # noqa: E402
 from dimfix.pairs import PairSums, is_heldout  # noqa: E402
 from dimfix.perclass import PrefixStats, class_corrections, moment_match  # noqa: E402
-from dimfix.stats import ClassedStats, DimStats  # noqa: E402
+from dimfix.perclass import ClassedStats
+from dimfix.stats import DimStats  # noqa: E402
 from dimfix.tokens import TokenClass, classify_positions  # noqa: E402
 from zdf_testkit.profiles import near_identity_mix, qwen_like_profile, synthetic_cap_weights  # noqa: E402
 

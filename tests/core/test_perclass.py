@@ -4,7 +4,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dimfix.perclass import ClassCorrection, PrefixStats, apply_classwise, class_corrections, moment_match
-from dimfix.stats import ClassedStats, DimStats
+from dimfix.perclass import ClassedStats
+from dimfix.stats import DimStats
 from dimfix.tokens import TokenClass, classify_positions
 from zdf_testkit.profiles import qwen_like_profile
 
