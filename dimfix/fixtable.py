@@ -35,8 +35,9 @@ from .safetensors_header import read_header
 
 FORMAT = "zimage-dimfix.fix-table"
 #: Version written by this module. Readers accept any version with the same major number.
-#: 1.1 added the optional ``reference_layer`` metadata key.
-VERSION = "1.1"
+#: 1.1 added the optional ``reference_layer`` metadata key; 1.2 the learned modes' tensors (adapter,
+#: low-rank adapter, per-class correction, prefix vectors) and the ``recommended_mode`` key.
+VERSION = "1.2"
 SUPPORTED_MAJOR = 1
 
 REQUIRED_TENSORS = ("reference_mean", "reference_std", "target_mean", "target_std")
@@ -44,11 +45,15 @@ SIDES = ("reference", "target")
 #: Percentiles a table may carry, as ``q`` (in percent) -> name suffix.
 PERCENTILES: dict[float, str] = {0.1: "p0_1", 1.0: "p1", 50.0: "p50", 99.0: "p99", 99.9: "p99_9"}
 ADAPTER_TENSORS = ("adapter_weight", "adapter_bias")
-KNOWN_EXTRAS = tuple(f"{s}_{p}" for s in SIDES for p in PERCENTILES.values()) + ADAPTER_TENSORS
+#: Learned tensors and their shapes (D = width; r, P, C: rank, prefix positions, token classes).
+LEARNED_SHAPES = {"adapter_weight": ("D", "D"), "adapter_bias": ("D",), "adapter_lowrank_u": ("D", "r"),
+                  "adapter_lowrank_v": ("D", "r"), "adapter_lowrank_mean": ("D",), "adapter_lowrank_shift": ("D",),
+                  "class_scale": ("C", "D"), "class_shift": ("C", "D"), "prefix_reference": ("P", "D")}
+KNOWN_EXTRAS = tuple(f"{s}_{p}" for s in SIDES for p in PERCENTILES.values()) + tuple(LEARNED_SHAPES)
 
 #: Metadata keys stored besides ``format`` and ``version``.
 META_KEYS = ("reference_model", "target_model", "layer", "reference_layer", "template", "token_scope",
-             "prompt_count", "token_count", "created", "thresholds")
+             "prompt_count", "token_count", "created", "thresholds", "recommended_mode")
 
 _CHUNK = 1 << 20
 
@@ -93,6 +98,7 @@ class FixTableMeta:
     token_count: int = 0
     created: str = field(default_factory=utc_now_iso)
     thresholds: Thresholds = field(default_factory=Thresholds)
+    recommended_mode: str = ""
     version: str = VERSION
 
     def __post_init__(self) -> None:
@@ -111,6 +117,7 @@ class FixTableMeta:
             "token_count": str(int(self.token_count)),
             "created": str(self.created),
             "thresholds": self.thresholds.to_json(),
+            "recommended_mode": str(self.recommended_mode),
         }
 
     @classmethod
@@ -143,7 +150,8 @@ class FixTableMeta:
                    layer=layer, reference_layer=reference_layer, template=meta.get("template", ""),
                    token_scope=meta.get("token_scope", ""),
                    prompt_count=as_int("prompt_count"), token_count=as_int("token_count"),
-                   created=meta.get("created", ""), thresholds=thresholds, version=meta.get("version", VERSION))
+                   created=meta.get("created", ""), thresholds=thresholds,
+                   recommended_mode=meta.get("recommended_mode", ""), version=meta.get("version", VERSION))
 
 
 def _as_float32(name: str, value: Any) -> torch.Tensor:
@@ -223,11 +231,12 @@ def _validate_tensors(tensors: Mapping[str, torch.Tensor], where: str) -> None:
         raise FixTableError(f"{where}: tensor 'reference_mean' has shape {tuple(dim)}, expected [D] with D > 0")
     d = int(dim[0])
     for name, t in tensors.items():
-        expected = (d, d) if name == "adapter_weight" else (d,)
         if name not in REQUIRED_TENSORS and name not in KNOWN_EXTRAS:
             continue  # unknown extras: kept as they are, dtype and values checked below
-        if tuple(t.shape) != expected:
-            raise FixTableError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {list(expected)} "
+        spec = LEARNED_SHAPES.get(name, ("D",))
+        fixed = {"D": d, "C": 4}
+        if t.dim() != len(spec) or any(fixed.get(s, n) != n for s, n in zip(spec, t.shape)) or 0 in t.shape:
+            raise FixTableError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {list(spec)} "
                                 f"(D = {d} from 'reference_mean')")
     for name, t in tensors.items():
         n_nan = int(torch.isnan(t).sum())

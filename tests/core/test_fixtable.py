@@ -59,7 +59,7 @@ def test_metadata_strings_on_disk(tmp_path):
     with safe_open(str(path), "pt") as fh:
         meta = fh.metadata()
     assert meta["format"] == "zimage-dimfix.fix-table"
-    assert meta["version"] == "1.1" == fixtable.VERSION
+    assert meta["version"] == "1.2" == fixtable.VERSION
     assert meta["reference_layer"] == "-6"  # not given: the same as 'layer'
     assert meta["layer"] == "-6" and meta["prompt_count"] == "86" and meta["token_count"] == "1234"
     assert json.loads(meta["thresholds"])["outlier_ratio"] == 10.0
