@@ -7,6 +7,9 @@ pack without a ComfyUI install.
 
 __version__ = "0.1.0"
 
+#: Served by ComfyUI at /extensions/<pack folder>/: the node help pages (docs/<NodeId>.md, docs/<NodeId>/zh.md).
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     from .nodes import DimFixExtension
