@@ -28,6 +28,9 @@ DIT = {"name": "z_image_turbo_bf16.safetensors", "url": f"{HF}/diffusion_models/
 TE = {"name": "qwen_3_4b.safetensors", "url": f"{HF}/text_encoders/qwen_3_4b.safetensors",
       "directory": "text_encoders"}
 VAE = {"name": "ae.safetensors", "url": f"{HF}/vae/ae.safetensors", "directory": "vae"}
+DIT_BASE = {"name": "z_image_bf16.safetensors",
+            "url": "https://huggingface.co/Comfy-Org/z_image/resolve/main/split_files/diffusion_models/"
+                   "z_image_bf16.safetensors", "directory": "diffusion_models"}
 SUBSTITUTE = "Qwen3-Embedding-4B"  # a Hugging Face folder in models/text_encoders
 SUBSTITUTE_URL = "https://huggingface.co/Qwen/Qwen3-Embedding-4B"
 
@@ -55,12 +58,20 @@ SAMPLING_NOTE = (
     f"ModelSamplingAuraFlow shift {SHIFT:g}, {SIZE}×{SIZE}, seed {SEED} (fixed, shared by every sampler so "
     "the images differ only by their conditioning). The original research sampled 9 steps with diffusers' "
     "Euler: set `steps` to 8–9 for closer parity; images will not be pixel-identical to it either way.")
-MODELS_NOTE = (
-    "**Models.** `models/diffusion_models/z_image_turbo_bf16.safetensors`, "
-    "`models/text_encoders/qwen_3_4b.safetensors`, `models/vae/ae.safetensors` (all from "
-    "[Comfy-Org/z_image_turbo](https://huggingface.co/Comfy-Org/z_image_turbo)); the substitute encoder "
-    f"`models/text_encoders/{SUBSTITUTE}/` = the whole [Qwen/Qwen3-Embedding-4B]({SUBSTITUTE_URL}) folder "
-    "(config.json + safetensors shards), or any other Qwen3 checkpoint the Qwen3 Embedding Loader lists.")
+def first_run_note(dit: dict = DIT) -> str:
+    """What to download before the first run. The frontend's missing-models dialog lists the single files
+    declared on the stock loaders; it cannot list a folder, so the substitute encoder is named here."""
+    return (
+        f"**Before the first run — substitute encoder.** Download the whole [{SUBSTITUTE}]({SUBSTITUTE_URL}) "
+        f"folder (config.json + model-*.safetensors shards + index) into `models/text_encoders/{SUBSTITUTE}/`, "
+        f"e.g. `huggingface-cli download Qwen/{SUBSTITUTE} --local-dir models/text_encoders/{SUBSTITUTE}`, then "
+        "refresh the page (R) and pick it in **Qwen3 Embedding Loader** — or pick any other Qwen3 checkpoint "
+        "it lists. ComfyUI's missing-models dialog cannot list a folder, so it names only the files below.\n\n"
+        f"**Other models** (offered by the missing-models dialog): `models/diffusion_models/{dit['name']}`, "
+        f"`models/text_encoders/{TE['name']}` (reference encoder), `models/vae/{VAE['name']}` — from "
+        "[Comfy-Org](https://huggingface.co/Comfy-Org).\n\n"
+        "Node help: select a node and open its help page (the ? in the node's selection toolbar or the "
+        "node library).")
 
 
 def pack_version() -> str:
@@ -76,12 +87,15 @@ def new_graph(specs: dict, workflow_id: str) -> Graph:
 
 
 # ------------------------------------------------------------------------------------------ blocks
-def note(g: Graph, text: str, pos=(-520, 0), size=(460, 520)):
-    return g.add("MarkdownNote", pos, title="Read me", widgets={"text": text}, size=size)
+def note(g: Graph, text: str, pos=(-520, 0), size=(460, 520), dit: dict = DIT):
+    """The "Read me" note, left of the graph: a title line, the first-run block, then ``text``."""
+    head, _, rest = text.partition("\n\n")
+    full = f"{head}\n\n{first_run_note(dit)}\n\n{rest}"
+    return g.add("MarkdownNote", pos, title="Read me", widgets={"text": full}, size=size)
 
 
-def dit_chain(g: Graph, col: Column):
-    unet = g.add("UNETLoader", col, widgets={"unet_name": DIT["name"], "weight_dtype": "default"}, models=[DIT])
+def dit_chain(g: Graph, col: Column, dit: dict = DIT):
+    unet = g.add("UNETLoader", col, widgets={"unet_name": dit["name"], "weight_dtype": "default"}, models=[dit])
     ms = g.add("ModelSamplingAuraFlow", col, widgets={"shift": SHIFT}, inputs={"model": (unet, 0)})
     return unet, ms
 
@@ -122,9 +136,9 @@ def encode(g: Graph, clip, prompt, pos, title):
                  inputs={"clip": (clip, 0), "text": (prompt, 0)})
 
 
-def sampler(g: Graph, model, positive, negative, latent, seed, pos, title):
+def sampler(g: Graph, model, positive, negative, latent, seed, pos, title, steps: int = STEPS, cfg: float = CFG):
     return g.add("KSampler", pos, title=title,
-                 widgets={"seed": SEED, "steps": STEPS, "cfg": CFG, "sampler_name": SAMPLER, "scheduler": SCHEDULER,
+                 widgets={"seed": SEED, "steps": steps, "cfg": cfg, "sampler_name": SAMPLER, "scheduler": SCHEDULER,
                           "denoise": 1.0},
                  inputs={"model": (model, 0), "positive": (positive, 0), "negative": (negative, 0),
                          "latent_image": (latent, 0), "seed": (seed, 0)}, control={"seed": "fixed"})
@@ -143,9 +157,9 @@ def grid(g: Graph, images: list, labels: list[str], prompt, pos, title: str, col
                           "fit": "pad"}, inputs=inputs, size=(720, 620))
 
 
-def common_front(g: Graph, col: Column):
+def common_front(g: Graph, col: Column, dit: dict = DIT):
     """Model, sampling shift, VAE, prompt, seed, empty latent."""
-    unet, model = dit_chain(g, col)
+    unet, model = dit_chain(g, col, dit)
     vae = vae_loader(g, col)
     prompt, seed = prompt_and_seed(g, col)
     latent = g.add("EmptySD3LatentImage", col, widgets={"width": SIZE, "height": SIZE, "batch_size": 1})
@@ -165,7 +179,7 @@ def fix_comparison_grid(specs: dict) -> Graph:
             "file in `table_file`.\n\n**Modes.** `none`, `rescale`, `mask`, `clamp`, `full` = the original "
             f"research's formulas; `{BEST_MODE}` = the pack's recommended mode. All use token scope `content` "
             "(the sink and chat-template tokens pass unchanged, as the table's statistics cover content tokens "
-            "only).\n\n" + SAMPLING_NOTE + "\n\n" + MODELS_NOTE + "\n\n**Batch.** The API twin "
+            "only).\n\n" + SAMPLING_NOTE + "\n\n**Batch.** The API twin "
             "`workflows/api/zimage_dimfix_fix_comparison_grid.json` runs over many prompts with `python -m "
             "dimfix.batch --prompt-node Prompt --prompt-input value --seed-node Seed --seed-input value ...`.",
          size=(480, 900))
@@ -220,8 +234,7 @@ def analyze(specs: dict) -> Graph:
             "**Other layers.** `layer` is the target's hidden layer, `reference_layer` the reference's; keep the "
             "reference at −2 (what Z-Image was trained on). For a VL encoder set `layer` to −6: the table then "
             "pairs the target at −6 with Qwen3-4B at −2, and is meant for the target's conditioning taken at −6 "
-            "(Hidden Layer Select).\n\n"
-            + MODELS_NOTE, size=(460, 620))
+            "(Hidden Layer Select).", size=(460, 620))
     col = Column(0)
     unet = g.add("UNETLoader", col, widgets={"unet_name": DIT["name"], "weight_dtype": "default"}, models=[DIT])
     ref = reference_clip(g, col)
@@ -242,7 +255,7 @@ def blend(specs: dict) -> Graph:
             "the substitute's tokens are pooled to that length and each is scaled to the RMS of the matching "
             "primary token first (`rms_match`), so alpha weighs directions, not loudness. Connect a fix table "
             "(Dimension Analyzer, or `table_file`) to treat the substitute's outlier dims (`outliers`).\n\nThe "
-            "grid shows the reference image beside the blend.\n\n" + SAMPLING_NOTE + "\n\n" + MODELS_NOTE,
+            "grid shows the reference image beside the blend.\n\n" + SAMPLING_NOTE,
          size=(460, 700))
     unet, model, vae, prompt, seed, latent = common_front(g, Column(0))
     col = Column(400)
@@ -276,7 +289,7 @@ def layer_select(specs: dict) -> Graph:
             f"picks another layer in Hugging Face indexing (here {LAYER}; −1 = the final normed output, 0 = the "
             "embeddings) and checks it against the model's real depth — unlike CLIP Set Last Layer, whose "
             "numbering is shifted by one and cannot reach every layer. The grid compares the default layer "
-            f"with layer {LAYER} for the same seed.\n\n" + SAMPLING_NOTE + "\n\n" + MODELS_NOTE, size=(460, 600))
+            f"with layer {LAYER} for the same seed.\n\n" + SAMPLING_NOTE, size=(460, 600))
     unet, model, vae, prompt, seed, latent = common_front(g, Column(0))
     col = Column(400)
     ref = reference_clip(g, col)
@@ -299,6 +312,55 @@ def layer_select(specs: dict) -> Graph:
     return g
 
 
+# Z-Image Base (the undistilled model): real CFG, so the negative prompt matters and must be fixed too.
+BASE_STEPS, BASE_CFG = 30, 4.0
+NEGATIVE = ("blurry, low quality, lowres, jpeg artifacts, watermark, text, deformed hands, extra fingers, "
+            "oversaturated, cartoon")
+
+
+def base_negative(specs: dict) -> Graph:
+    g = new_graph(specs, "6a0d3c51-7c1e-4e52-9d33-2f7d0a9b1c05")
+    note(g, "# Z-Image Base with a fixed negative\n\nZ-Image Base (not Turbo) samples with real classifier-free "
+            f"guidance (cfg {BASE_CFG:g}, {BASE_STEPS} steps; 3–5 and 25–50 are its usual ranges), so the negative "
+            "prompt is read by the DiT as much as the positive. With a substitute encoder both are encoded by it, "
+            "and both go through **Embedding Dimension Fix** with the same fix table (the Dimension Analyzer "
+            "here, or a saved `table_file`): an unfixed negative would push the image away from a "
+            "mis-scaled direction.\n\nThe grid shows the Qwen3-4B reference, the substitute unfixed, and the "
+            f"substitute with positive and negative fixed (`{BEST_MODE}`, token scope `content`), same seed.\n\n"
+            f"**Sampling.** `{SAMPLER}` / `{SCHEDULER}`, ModelSamplingAuraFlow shift {SHIFT:g}, {SIZE}×{SIZE}, "
+            f"seed {SEED} shared by every sampler.", size=(480, 860), dit=DIT_BASE)
+    unet, model, vae, prompt, seed, latent = common_front(g, Column(0), DIT_BASE)
+    negative = g.add("PrimitiveStringMultiline", (0, latent.pos[1] + latent.size[1] + 80), title="Negative prompt",
+                     widgets={"value": NEGATIVE})
+    col = Column(400)
+    ref = reference_clip(g, col)
+    sub = substitute_clip(g, col)
+    analyzer = g.add(NODE_IDS["analyzer"], col, title="Dimension Analyzer", widgets=ANALYZER_WIDGETS,
+                     inputs={"reference": (ref, 0), "target": (sub, 0), "model": (unet, 0)})
+    col = Column(800)
+    conds = {}
+    for clip, who in [(ref, "reference"), (sub, "substitute")]:
+        for text, sign in [(prompt, "positive"), (negative, "negative")]:
+            conds[who, sign] = encode(g, clip, text, col, f"Encode {sign} ({who})")
+    col = Column(1200, 200)
+    fixed = {sign: g.add(NODE_IDS["fix"], col, title=f"Fix {sign}: {BEST_MODE}", widgets=FIX_WIDGETS,
+                         inputs={"conditioning": (conds["substitute", sign], 0), "fix_table": (analyzer, 0)})
+             for sign in ("positive", "negative")}
+    cells = [("reference", conds["reference", "positive"], conds["reference", "negative"]),
+             ("substitute, unfixed", conds["substitute", "positive"], conds["substitute", "negative"]),
+             ("substitute, fixed", fixed["positive"], fixed["negative"])]
+    images = []
+    col = Column(1600)
+    for name, pos_c, neg_c in cells:
+        ks = sampler(g, model, pos_c, neg_c, latent, seed, col, f"KSampler ({name})", BASE_STEPS, BASE_CFG)
+        images.append(decode(g, ks, vae, (1960, ks.pos[1])))
+    labels = ["Qwen3-4B (reference)", f"{SUBSTITUTE}, unfixed", f"{SUBSTITUTE}, fixed (+ and −)"]
+    gr = grid(g, images, labels, prompt, (2220, 0), "Z-Image Base: fixed negative")
+    g.add("SaveImage", (2220, 700), widgets={"filename_prefix": "zimage_dimfix/base"}, inputs={"images": (gr, 0)},
+          size=(720, 560))
+    return g
+
+
 #: Hidden Layer Select widgets in the bundled workflow.
 LAYER_WIDGETS = {"layer": LAYER}
 
@@ -307,6 +369,16 @@ WORKFLOW_BUILDERS = {
     "zimage_dimfix_analyze": analyze,
     "zimage_dimfix_blend": blend,
     "zimage_dimfix_layer_select": layer_select,
+    "zimage_dimfix_base_negative": base_negative,
+}
+#: File name (without .json) of each UI workflow: the template browser shows it as the card's title and, with
+#: '-' and '_' turned into spaces, as its description; the API twin keeps the script-friendly key.
+UI_NAMES = {
+    "zimage_dimfix_fix_comparison_grid": "Fix comparison grid",
+    "zimage_dimfix_analyze": "Dimension analysis and fix table",
+    "zimage_dimfix_blend": "Encoder blend",
+    "zimage_dimfix_layer_select": "Hidden layer comparison",
+    "zimage_dimfix_base_negative": "Z-Image Base with fixed negative",
 }
 
 
@@ -323,9 +395,9 @@ def build_all(specs: dict | None = None) -> dict[str, tuple[dict, dict]]:
 def write_all(dest: Path = WORKFLOWS, specs: dict | None = None) -> list[Path]:
     written = []
     for stem, (ui, api) in build_all(specs).items():
-        write_json(dest / f"{stem}.json", ui)
+        write_json(dest / f"{UI_NAMES[stem]}.json", ui)
         write_json(dest / "api" / f"{stem}.json", api)
-        written += [dest / f"{stem}.json", dest / "api" / f"{stem}.json"]
+        written += [dest / f"{UI_NAMES[stem]}.json", dest / "api" / f"{stem}.json"]
     return written
 
 

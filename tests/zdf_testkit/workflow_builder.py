@@ -58,6 +58,11 @@ class Column:
 
 TITLE_HEIGHT = 30.0
 SLOT_HEIGHT = 20.0
+#: The window a first-time user opens the workflow in, and the frontend chrome around the canvas
+#: (left: the sidebar's icon column; top: the menu and workflow tab bar).
+VIEW_SIZE = (1280.0, 800.0)
+VIEW_MARGINS = {"left": 80.0, "top": 100.0, "right": 80.0, "bottom": 60.0}
+MAX_SCALE = 1.0
 WIDGET_HEIGHT = 24.0
 MULTILINE_HEIGHT = 110.0
 
@@ -195,7 +200,14 @@ class Graph:
         return {"id": self.workflow_id, "revision": 0, "last_node_id": max(n.id for n in self.nodes),
                 "last_link_id": link_id, "nodes": nodes, "links": self.links, "groups": self.groups,
                 "definitions": {"subgraphs": []}, "config": {},
-                "extra": {"ds": {"scale": 0.6, "offset": [40, 40]}}, "version": 0.4}
+                "extra": {"ds": fit_view(self.bounds())}, "version": 0.4}
+
+    def bounds(self) -> tuple[float, float, float, float]:
+        """Canvas rectangle ``(x0, y0, x1, y1)`` covering every node with its title bar, and every group."""
+        boxes = [(n.pos[0], n.pos[1] - TITLE_HEIGHT, n.pos[0] + n.size[0], n.pos[1] + n.size[1]) for n in self.nodes]
+        boxes += [(x, y, x + w, y + h) for x, y, w, h in (g["bounding"] for g in self.groups)]
+        return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+                max(b[3] for b in boxes))
 
     def api(self) -> dict:
         out = {}
@@ -214,6 +226,18 @@ class Graph:
             out[str(node.id)] = {"inputs": inputs, "class_type": node.type,
                                  "_meta": {"title": node.title or node.type}}
         return out
+
+
+def fit_view(bounds: tuple[float, float, float, float], view=VIEW_SIZE, margins=VIEW_MARGINS) -> dict:
+    """``extra.ds`` that shows ``bounds`` whole inside ``view`` less ``margins``, top-left aligned.
+
+    LiteGraph draws canvas point ``p`` at screen ``(p + offset) * scale``."""
+    x0, y0, x1, y1 = bounds
+    free_w = view[0] - margins["left"] - margins["right"]
+    free_h = view[1] - margins["top"] - margins["bottom"]
+    scale = min(MAX_SCALE, free_w / (x1 - x0), free_h / (y1 - y0))
+    scale = float(int(scale * 1000) / 1000)  # round down: never a pixel over the edge
+    return {"scale": scale, "offset": [round(margins["left"] / scale - x0, 1), round(margins["top"] / scale - y0, 1)]}
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
