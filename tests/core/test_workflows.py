@@ -303,7 +303,8 @@ def test_base_workflow_fixes_positive_and_negative_with_one_table():
 
 # ------------------------------------------------------------------------------------------- first open
 WINDOW = (1280, 800)
-SIDEBAR, TOP_BARS = 60, 80  # the frontend's icon sidebar and its menu + workflow tab bar, in pixels
+SIDEBAR, TOP_BARS = 60, 90  # the frontend's icon sidebar; its tab bar + floating workflow menu, in pixels
+MINIMAP_CORNER = (1015, 535)  # the minimap and canvas toolbar fill the window's bottom-right corner from here
 TITLE = 30  # LiteGraph's node title bar, drawn above ``pos``
 
 
@@ -323,6 +324,7 @@ def test_saved_view_shows_every_node_clear_of_the_frontend_chrome(stem):
     for n in ui["nodes"]:
         x0, y0, x1, y1 = screen_box(n, ds)
         assert x0 >= SIDEBAR and y0 >= TOP_BARS and x1 <= WINDOW[0] and y1 <= WINDOW[1], (stem, n["id"], n["type"])
+        assert x1 <= MINIMAP_CORNER[0] or y1 <= MINIMAP_CORNER[1], (stem, n["id"], n["type"], "under the minimap")
 
 
 @pytest.mark.parametrize("stem", EXPECTED_STEMS)
@@ -346,7 +348,7 @@ def test_every_template_has_a_jpeg_thumbnail(name):
     path = WF / f"{name}.jpg"
     assert path.is_file(), f"missing thumbnail {path.name}: run tests/frontend/check_frontend.py --thumbnails"
     with Image.open(path) as im:
-        assert im.format == "JPEG" and im.width >= 256 and im.height >= 160
+        assert im.format == "JPEG" and im.width == im.height >= 256  # template cards are square
         # not a blank frame: the screenshot shows nodes on the canvas
         lo, hi = im.convert("L").getextrema()
         assert hi - lo > 60

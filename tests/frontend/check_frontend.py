@@ -109,10 +109,7 @@ def browser(chrome: str, driver_path: str):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
     drv = webdriver.Chrome(service=Service(driver_path), options=opts)
-    drv.set_window_size(*WINDOW)
-    # the window size includes no browser chrome in headless mode; make the viewport exactly WINDOW
-    inner = drv.execute_script("return [window.innerWidth, window.innerHeight]")
-    drv.set_window_size(2 * WINDOW[0] - inner[0], 2 * WINDOW[1] - inner[1])
+    set_viewport(drv, WINDOW)
     return drv
 
 
@@ -128,14 +125,25 @@ def wait_for(drv, script: str, timeout: float = 60.0, what: str = ""):
 
 APP_READY = "return !!(window.app && window.app.graph && window.app.canvas && window.app.canvas.ds)"
 CLICK_CLOSE = """
-const dialogs = Array.from(document.querySelectorAll('.p-dialog'));
+const dialogs = Array.from(document.querySelectorAll('.p-dialog, [role="dialog"]'));
 const top = dialogs[dialogs.length - 1]; if (!top) return;
 const b = top.querySelector('.p-dialog-close-button, .p-dialog-header-close, button[aria-label="Close" i],'
                             + ' button[aria-label*="close" i]')
   || Array.from(top.querySelectorAll('button')).find(b => b.querySelector('.pi-times, [class*="x-"], svg'));
 if (b) b.click();
 """
-OPEN_DIALOGS = "return document.querySelectorAll('.p-dialog').length"
+#: The 1.4x frontend reports missing models in a dismissible "N errors found" panel instead of a dialog.
+ERROR_PANEL = """
+const hits = Array.from(document.querySelectorAll('div')).filter(d => /\\d+ errors? found/i.test(d.innerText || '')
+  && d.querySelector('button'));
+hits.sort((a, b) => a.innerText.length - b.innerText.length);
+const panel = hits[0]; if (!panel) return null;
+const text = panel.innerText;
+const close = Array.from(panel.querySelectorAll('button')).find(b => !b.innerText.trim());
+if (arguments[0] && close) close.click();
+return text;
+"""
+OPEN_DIALOGS = "return document.querySelectorAll('.p-dialog, [role=\"dialog\"]').length"
 
 
 def close_dialogs(drv) -> None:
@@ -153,7 +161,8 @@ def close_dialogs(drv) -> None:
     buttons = drv.execute_script("return Array.from(document.querySelectorAll('.p-dialog button'))"
                                  ".map(b => b.outerHTML.slice(0, 200))")
     raise RuntimeError(f"a dialog stays open; its buttons: {buttons}")
-DIALOG_TEXT = "return Array.from(document.querySelectorAll('.p-dialog, .p-toast-message')).map(d => d.innerText)"
+DIALOG_TEXT = ("return Array.from(document.querySelectorAll('.p-dialog, [role=\"dialog\"], .p-toast-message'))"
+               ".map(d => d.innerText)")
 NODE_BOXES = """
 const app = window.app, ds = app.canvas.ds, el = app.canvas.canvas, r = el.getBoundingClientRect();
 const title = (window.LiteGraph && LiteGraph.NODE_TITLE_HEIGHT) || 30;
@@ -200,26 +209,28 @@ def check_templates(drv, url: str, shots: Path | None) -> list[str]:
     drv.execute_script("window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     time.sleep(2)
     # open the pack's category if the browser groups by module
-    drv.execute_script("""for (const e of document.querySelectorAll('.p-dialog *')) {
+    drv.execute_script("""for (const e of document.querySelectorAll('.p-dialog *, [role="dialog"] *')) {
         if (e.children.length === 0 && e.innerText && e.innerText.trim() === arguments[0]) { e.click(); break; } }""",
                        PACK)
     time.sleep(3)
-    cards = drv.execute_script("""return Array.from(document.querySelectorAll('.p-dialog img'))
-        .filter(i => i.src.includes('/workflow_templates/' + arguments[0] + '/'))
-        .map(i => ({src: i.src, ok: i.complete && i.naturalWidth > 0,
-                    text: (i.closest('[data-testid], .p-card, .template-card, article, li') || i.parentElement)
-                          .innerText}))""", PACK)
+    cards = drv.execute_script(CARDS, stems)
     if shots:
         drv.save_screenshot(str(shots / "templates.png"))
-    seen = {c["src"].rsplit("/", 1)[-1] for c in cards}
     for stem in stems:
-        img = urllib.request.quote(stem) + ".jpg"
-        if img not in seen:
-            problems.append(f"template card of {stem!r} shows no thumbnail (cards: {sorted(seen)})")
-    for c in cards:
-        if not c["ok"]:
-            problems.append(f"thumbnail did not load: {c['src']}")
-    print(f"  templates: {len(cards)} pack cards, titles: {[c['text'].splitlines()[0] for c in cards if c['text']]}")
+        card = cards.get(stem)
+        if not card:
+            problems.append(f"no template card titled {stem!r}")
+        elif not card["image"]:
+            problems.append(f"template card {stem!r} shows no loaded thumbnail")
+        jpg = f"{url}/api/workflow_templates/{PACK}/{urllib.request.quote(stem)}.jpg"
+        try:
+            with urllib.request.urlopen(jpg) as r:
+                if r.headers.get("content-type") != "image/jpeg":
+                    problems.append(f"{jpg} is served as {r.headers.get('content-type')}")
+        except OSError as e:
+            problems.append(f"{jpg}: {e}")
+    print(f"  templates: {len(cards)} pack cards: " + "; ".join(f"{k!r} ({v['description']!r}, thumbnail "
+                                                           f"{v['image']})" for k, v in cards.items()))
     close_dialogs(drv)
     return problems
 
@@ -233,12 +244,16 @@ def check_workflow(drv, path: Path, shots: Path | None, thumbs: bool) -> list[st
     wait_for(drv, "return window.__zdfLoaded", 60, f"loading {path.name}")
     time.sleep(2.5)
     dialogs = drv.execute_script(DIALOG_TEXT)
+    panel = drv.execute_script(ERROR_PANEL, False)
+    if panel:
+        dialogs.append(panel)
     note = next((n["widgets_values"][0] for n in data["nodes"] if n["type"] == "MarkdownNote"), "")
     if not any(SUBSTITUTE in d for d in dialogs) and SUBSTITUTE not in note:
         problems.append(f"{path.name}: neither the note nor a dialog names {SUBSTITUTE}")
     if shots:
         drv.save_screenshot(str(shots / f"{path.stem}.dialog.png"))
     close_dialogs(drv)
+    drv.execute_script(ERROR_PANEL, True)
     time.sleep(1)
     boxes = drv.execute_script(NODE_BOXES)
     for b in boxes:
@@ -257,8 +272,26 @@ def check_workflow(drv, path: Path, shots: Path | None, thumbs: bool) -> list[st
     return problems
 
 
+#: Template cards of the pack: title -> description and the size of the loaded thumbnail (blob URLs).
+CARDS = """
+const out = {};
+for (const e of document.querySelectorAll('.p-dialog *, [role="dialog"] *')) {
+  const t = (e.children.length === 0 && e.innerText || '').trim();
+  if (!arguments[0].includes(t) || out[t]) continue;
+  let card = e.parentElement;
+  while (card && !card.querySelector('img')) card = card.parentElement;
+  if (!card) continue;
+  const img = card.querySelector('img');
+  const lines = card.innerText.split('\\n').map(x => x.trim()).filter(Boolean);
+  out[t] = {description: lines[lines.indexOf(t) + 1] || '',
+            image: img.complete && img.naturalWidth >= 100 ? `${img.naturalWidth}x${img.naturalHeight}` : null};
+}
+return out;
+"""
 HIDE_CHROME = """
-const keep = window.app.canvas.canvas;
+const c = window.app.canvas;
+c.render_info = c.show_info = !arguments[0];
+c.setDirty(true, true);
 let s = document.getElementById('zdf-hide');
 if (!s) { s = document.createElement('style'); s.id = 'zdf-hide'; document.head.appendChild(s); }
 s.textContent = arguments[0] ? `.side-tool-bar-container, .comfyui-menu, .workflow-tabs-container, .comfyui-body-top,
@@ -267,21 +300,49 @@ s.textContent = arguments[0] ? `.side-tool-bar-container, .comfyui-menu, .workfl
 """
 
 
-def write_thumbnail(drv, dest: Path, size: tuple[int, int] = (512, 320)) -> None:
-    """A scaled-down screenshot of the loaded view with the frontend's chrome hidden."""
+THUMB_WINDOW = (1800, 1800)
+#: Fit every node into the canvas (at most scale 0.8) and return the nodes' screen rectangle.
+FIT_ALL = """
+const app = window.app, ds = app.canvas.ds, el = app.canvas.canvas, r = el.getBoundingClientRect();
+const title = (window.LiteGraph && LiteGraph.NODE_TITLE_HEIGHT) || 30, pad = 30;
+const ns = app.graph._nodes;
+const x0 = Math.min(...ns.map(n => n.pos[0])), y0 = Math.min(...ns.map(n => n.pos[1] - title));
+const x1 = Math.max(...ns.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...ns.map(n => n.pos[1] + n.size[1]));
+const k = Math.min(0.8, (r.width - 2 * pad) / (x1 - x0), (r.height - 2 * pad) / (y1 - y0));
+ds.scale = k; ds.offset[0] = pad / k - x0; ds.offset[1] = pad / k - y0;
+app.canvas.setDirty(true, true);
+return [r.left + pad, r.top + pad, r.left + pad + (x1 - x0) * k, r.top + pad + (y1 - y0) * k, k];
+"""
+
+
+def set_viewport(drv, size: tuple[int, int]) -> None:
+    drv.set_window_size(*size)
+    inner = drv.execute_script("return [window.innerWidth, window.innerHeight]")
+    drv.set_window_size(2 * size[0] - inner[0], 2 * size[1] - inner[1])
+
+
+def write_thumbnail(drv, dest: Path, side: int = 400) -> None:
+    """A square thumbnail: the graph rendered at full detail in a large window with the frontend's chrome
+    hidden, cropped to the nodes, padded with the canvas colour (template cards are square), scaled down."""
     import io
 
     from PIL import Image
 
+    set_viewport(drv, THUMB_WINDOW)
     drv.execute_script(HIDE_CHROME, True)
-    time.sleep(0.8)
+    time.sleep(1.0)
+    x0, y0, x1, y1, _ = drv.execute_script(FIT_ALL)
+    time.sleep(1.0)
     png = drv.get_screenshot_as_png()
     drv.execute_script(HIDE_CHROME, False)
-    img = Image.open(io.BytesIO(png)).convert("RGB")
-    img.thumbnail((size[0] * 2, size[1] * 2))
-    img = img.resize(size, Image.LANCZOS)
+    set_viewport(drv, WINDOW)
+    shot = Image.open(io.BytesIO(png)).convert("RGB")
+    crop = shot.crop((int(x0) - 12, int(y0) - 12, int(x1) + 12, int(y1) + 12))
+    edge = max(crop.size)
+    square = Image.new("RGB", (edge, edge), shot.getpixel((shot.width // 2, shot.height - 3)))
+    square.paste(crop, ((edge - crop.width) // 2, (edge - crop.height) // 2))
     tmp = dest.with_name(dest.name + ".tmp")
-    img.save(tmp, format="JPEG", quality=85, optimize=True)
+    square.resize((side, side), Image.LANCZOS).save(tmp, format="JPEG", quality=88, optimize=True)
     os.replace(tmp, dest)
 
 
