@@ -7,7 +7,8 @@ pack without a ComfyUI install.
 
 __version__ = "0.1.0"
 
-#: Served by ComfyUI at /extensions/<pack folder>/: the node help pages (docs/<NodeId>.md, docs/<NodeId>/zh.md).
+#: Served by ComfyUI at /extensions/<pack folder>/: the node help pages (docs/<NodeId>.md, the fallback for
+#: every language, and docs/<NodeId>/en.md, zh.md).
 WEB_DIRECTORY = "./web"
 
 

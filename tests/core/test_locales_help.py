@@ -51,6 +51,13 @@ def test_help_page_documents_every_input(node):
 
 
 @pytest.mark.parametrize("node", PACK_NODES)
+def test_english_locale_page_equals_the_fallback(node):
+    """The frontend asks for docs/<NodeId>/<locale>.md first (a 404 in the console when missing), then
+    docs/<NodeId>.md; the English copy must not drift from the fallback other locales get."""
+    assert (DOCS / node / "en.md").read_bytes() == (DOCS / f"{node}.md").read_bytes()
+
+
+@pytest.mark.parametrize("node", PACK_NODES)
 def test_chinese_help_page_exists(node):
     text = (DOCS / node / "zh.md").read_text(encoding="utf-8")
     assert text.startswith("# ") and len(CJK.findall(text)) > 50

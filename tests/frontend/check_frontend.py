@@ -13,7 +13,8 @@ frontend is the ``comfyui_frontend_package`` of that Python), then checks in a 1
 - each workflow, loaded like a dropped file, shows its "Read me" note and every node inside the window,
   none under the sidebar or the menu / tab bar (tested with ``elementFromPoint`` at each node's corners);
 - the note or the missing-models dialog names the substitute encoder;
-- the help page of every pack node is served (``/extensions/<pack>/docs/<NodeId>.md`` and ``…/zh.md``) and the
+- the help page of every pack node is served (``/extensions/<pack>/docs/<NodeId>.md``, ``…/en.md``, ``…/zh.md``),
+  opens in the node-info panel from the selection toolbox, and the
   zh locale (``/i18n``) names every node;
 - no console error mentions the pack.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -346,10 +348,33 @@ def write_thumbnail(drv, dest: Path, side: int = 400) -> None:
     os.replace(tmp, dest)
 
 
+def check_help_panel(drv, path: Path, shots: Path | None) -> list[str]:
+    """Select the first pack node of a workflow and open its help with the selection toolbox's (i) button."""
+    drv.execute_script("window.app.loadGraphData(arguments[0])", json.loads(path.read_text(encoding="utf-8")))
+    time.sleep(2.5)
+    close_dialogs(drv)
+    drv.execute_script(ERROR_PANEL, True)
+    node = drv.execute_script("""const n = window.app.graph._nodes.find(n => n.type.startsWith('DimFix'));
+        window.app.canvas.selectNode(n); window.app.canvas.setDirty(true, true); return n.type""")
+    time.sleep(1.5)
+    if not drv.execute_script("const b = document.querySelector('[data-testid=info-button]'); if (b) b.click(); "
+                              "return !!b"):
+        return ["no (i) Node Info button in the selection toolbox"]
+    time.sleep(3)
+    if shots:
+        drv.save_screenshot(str(shots / "help_panel.png"))
+    body = (ROOT / "web" / "docs" / f"{node}.md").read_text(encoding="utf-8").splitlines()[1:4]
+    text = drv.execute_script("return document.body.innerText")
+    # the page's first sentence as rendered (markdown marks dropped); the node's own description differs
+    first = re.sub(r"[`*_]", "", next(line for line in body if line.strip())).strip()[:45]
+    print(f"  help panel for {node}: {'shown' if first in text else 'NOT shown'}")
+    return [] if first in text else [f"the help panel of {node} does not show web/docs/{node}.md"]
+
+
 def check_help_and_locale(url: str) -> list[str]:
     problems = []
     for node in NODE_IDS:
-        for rel in (f"{node}.md", f"{node}/zh.md"):
+        for rel in (f"{node}.md", f"{node}/en.md", f"{node}/zh.md"):
             try:
                 with urllib.request.urlopen(f"{url}/extensions/{PACK}/docs/{rel}") as r:
                     if "text/html" in r.headers.get("content-type", "") or not r.read().strip():
@@ -394,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in sorted((ROOT / "workflows").glob("*.json")):
             problems += check_workflow(drv, path, args.shots, args.thumbnails)
         problems += check_templates(drv, url, args.shots)
+        problems += check_help_panel(drv, ROOT / "workflows" / "Encoder blend.json", args.shots)
         errors, failed = pack_console_errors(drv)
         problems += [f"console: {e}" for e in errors] + [f"request failed: {f}" for f in failed]
     finally:

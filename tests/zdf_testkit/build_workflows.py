@@ -70,8 +70,7 @@ def first_run_note(dit: dict = DIT) -> str:
         f"**Other models** (offered by the missing-models dialog): `models/diffusion_models/{dit['name']}`, "
         f"`models/text_encoders/{TE['name']}` (reference encoder), `models/vae/{VAE['name']}` — from "
         "[Comfy-Org](https://huggingface.co/Comfy-Org).\n\n"
-        "Node help: select a node and open its help page (the ? in the node's selection toolbar or the "
-        "node library).")
+        "**Node help:** select a node and click (i) *Node Info* in the toolbar above it.")
 
 
 def pack_version() -> str:
