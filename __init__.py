@@ -6,15 +6,14 @@ pack without a ComfyUI install.
 """
 
 __version__ = "0.1.0"
-
-#: Served by ComfyUI at /extensions/<pack folder>/: the node help pages (docs/<NodeId>.md, the fallback for
-#: every language, and docs/<NodeId>/en.md, zh.md).
+#: Served to the frontend at /extensions/<pack folder>/: the node help pages (docs/<NodeId>.md, the fallback
+#: for every language, and docs/<NodeId>/en.md, zh.md) and the Analyzer's report preview (js/).
 WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():
     from .nodes import DimFixExtension
-    from .nodes.common import register_fix_tables_folder
+    from .nodes.comfy_access import register_fix_tables_folder
 
     register_fix_tables_folder()  # models/fix_tables (+ the pack's fix_tables/) in ComfyUI's model folders
     return DimFixExtension()

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import Thresholds
-from .fixes import FixPlan, apply_plan, classify_dims
+from .fixes import OUTLIER_MODES, apply_plan, outlier_plan
 from .fixtable import FixTable
 
 ALIGN_MODES = ("pool", "interp", "truncate", "pad_mean")
-OUTLIER_MODES = ("none", "mean", "rescale", "clamp")
 
 
 def _as_batched(x: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
@@ -82,54 +81,15 @@ def align(x: torch.Tensor, length: int, mode: str = "pool", pad_value: torch.Ten
     return out.squeeze(0) if squeeze else out
 
 
-def _outlier_plan(table: FixTable, mode: str, th: Thresholds) -> FixPlan:
-    flags = classify_dims(table, th)
-    d = table.dim
-    mu_r, sd_r = table.reference_mean.double(), table.reference_std.double()
-    mu_t, sd_t = table.target_mean.double(), table.target_std.double()
-    scale = torch.ones(d, dtype=torch.float64)
-    shift = torch.zeros(d, dtype=torch.float64)
-    lo = hi = None
-    notes: tuple[str, ...] = ()
-    if mode == "mean":
-        sel = flags.outlier
-        scale[sel] = 0.0
-        shift[sel] = mu_r[sel]
-    elif mode == "rescale":
-        tau = th.outlier_ratio
-        ok = sd_t > 0
-        hi_sel, lo_sel = flags.high & ok, flags.low & ok
-        scale[hi_sel] = tau * sd_r[hi_sel] / sd_t[hi_sel]
-        scale[lo_sel] = sd_r[lo_sel] / (tau * sd_t[lo_sel])
-        sel = hi_sel | lo_sel
-        shift[sel] = mu_t[sel] * (1.0 - scale[sel])  # about the secondary's own mean
-    elif mode == "clamp":
-        from .fixes import _percentile_bounds
-
-        plo, phi, notes = _percentile_bounds(table, th)
-        lo = torch.full((d,), float("-inf"), dtype=torch.float64)
-        hi = torch.full((d,), float("inf"), dtype=torch.float64)
-        lo[flags.outlier] = plo[flags.outlier]
-        hi[flags.outlier] = phi[flags.outlier]
-    f32 = lambda t: None if t is None else t.to(torch.float32).contiguous()  # noqa: E731
-    return FixPlan(mode=f"outliers:{mode}", strength=1.0, scale=f32(scale), shift=f32(shift), lo=f32(lo),
-                   hi=f32(hi), notes=notes)
-
-
 def handle_outliers(x: torch.Tensor, table: FixTable | None, mode: str,
                     thresholds: Thresholds | None = None) -> torch.Tensor:
-    """Treat the dims the table flags as outliers (σ_tgt/σ_ref > τ or < 1/τ, two-sided).
+    """Treat the dims the table flags as outliers (σ_tgt/σ_ref > τ or < 1/τ, two-sided) with
+    :func:`dimfix.fixes.outlier_plan`; ``none`` returns a copy.
 
     The table's *target* statistics must describe ``x``'s encoder, its *reference* the primary's.
-
-    - ``none``: unchanged.
-    - ``mean``: flagged dims set to the reference mean.
-    - ``rescale``: flagged dims scaled about the secondary's own mean μ_tgt so their σ lands on the
-      edge of the accepted band -- τ·σ_ref for too-wide dims, σ_ref/τ for too-narrow ones. This is
-      the smallest change that stops a dim being an outlier (the research's VL "clamp"/"scale", made
-      two-sided and mean-preserving); use Embedding Dimension Fix first for a full moment match.
-    - ``clamp``: flagged dims value-clamped to the reference ``[p0.1, p99.9]`` (μ_ref ±
-      clamp_sigma·σ_ref when the table lacks percentiles).
+    ``rescale`` is the smallest change that stops a dim being an outlier (the research's VL
+    "clamp"/"scale", made two-sided and mean-preserving); use Embedding Dimension Fix first for a
+    full moment match.
     """
     if mode not in OUTLIER_MODES:
         raise ValueError(f"outlier handling must be one of {', '.join(OUTLIER_MODES)}; got {mode!r}")
@@ -137,8 +97,7 @@ def handle_outliers(x: torch.Tensor, table: FixTable | None, mode: str,
         return x.clone()
     if table is None:
         raise ValueError(f"outlier handling {mode!r} needs a fix table (reference vs the secondary's encoder)")
-    th = thresholds or table.meta.thresholds
-    return apply_plan(x, _outlier_plan(table, mode, th))
+    return apply_plan(x, outlier_plan(table, mode, thresholds))
 
 
 def rms_match(x: torch.Tensor, like: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

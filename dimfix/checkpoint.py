@@ -27,6 +27,9 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
+from .safetensors_header import read_header
+from .tokens import ZIMAGE_WIDTH
+
 __all__ = [
     "CheckpointError", "Qwen3Info", "Qwen3Checkpoint", "QWEN3_4B_DEFAULTS", "HEAD_DIM", "MIN_LAYERS",
     "read_qwen3_checkpoint", "checkpoint_fingerprint", "fingerprint_path", "list_model_entries", "resolve_entry",
@@ -38,7 +41,7 @@ MIN_LAYERS = 3
 #: ComfyUI ``Qwen3_4BConfig`` defaults (the fields a loader may override).
 QWEN3_4B_DEFAULTS: dict[str, Any] = {
     "vocab_size": 151936,
-    "hidden_size": 2560,
+    "hidden_size": ZIMAGE_WIDTH,
     "intermediate_size": 9728,
     "num_hidden_layers": 36,
     "num_attention_heads": 32,
@@ -125,37 +128,10 @@ def _config_rope_theta(cfg: dict[str, Any]) -> float | None:
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     """Parse and validate a safetensors header. Returns (header, header_length)."""
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise CheckpointError(f"{path}: truncated or not a safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", raw_len)
-            if n > size - 8 or n > 100 * 1024 * 1024:
-                raise CheckpointError(
-                    f"{path}: truncated or corrupt safetensors file (header says {n} header bytes, file has {size})")
-            raw = f.read(n)
+            return read_header(f, path.stat().st_size, str(path), CheckpointError)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read file ({e})") from e
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    end = 0
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2):
-            raise CheckpointError(f"{path}: corrupt safetensors header (tensor {key!r} has no data_offsets)")
-        end = max(end, int(offsets[1]))
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, the file has {size} "
-            "(incomplete download or copy?)")
-    return header, n
 
 
 def _file_digest(path: Path, h: "hashlib._Hash") -> None:
@@ -253,6 +229,11 @@ def _shape(sd: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
 
 
 def _inspect(sd: dict[str, torch.Tensor], where: str) -> Qwen3Info:
+    if "model.language_model.layers.0.self_attn.q_proj.weight" in sd:
+        raise CheckpointError(
+            f"{where}: a Qwen3-VL checkpoint (model.language_model.* tensors), not a Qwen3 text encoder: on ComfyUI "
+            "0.26 or newer load it with the stock Load CLIP node (type lumina2), then choose its layer with Hidden "
+            "Layer Select (-6 is the usual choice); older ComfyUI cannot load Qwen3-VL as a CLIP")
     if "model.layers.0.self_attn.q_proj.weight" not in sd or "model.embed_tokens.weight" not in sd:
         raise CheckpointError(
             f"{where}: not a Qwen3 text encoder (no 'layers.0.self_attn.q_proj.weight' / 'embed_tokens.weight' "

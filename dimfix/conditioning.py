@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 import torch
 
+from .tokens import ZIMAGE_WIDTH
+
 log = logging.getLogger(__name__)
 
-#: Widths of Z-Image text conditioning (Qwen3-4B hidden size).
-ZIMAGE_WIDTHS = (2560,)
 
 Conditioning = list  # list[list[torch.Tensor | dict]]
 
@@ -143,7 +143,7 @@ def map_tensors(cond: Conditioning, fn: Callable[[torch.Tensor, dict], torch.Ten
                              f"{tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__}")
         new_meta = {k: v for k, v in meta.items() if k not in drop_keys}
         new_meta.update(set_keys or {})
-        if "attention_mask" in meta or new.shape[-1] in ZIMAGE_WIDTHS:
+        if "attention_mask" in meta or new.shape[-1] == ZIMAGE_WIDTH:
             new_meta["attention_mask"] = ones_mask(new.shape[0], new.shape[1]).to(new.device)
         out.append([new, new_meta])
     return out

@@ -6,6 +6,10 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 
+#: Earlier names of thresholds and metadata keys -> their one name (read from older fix tables).
+OLD_NAMES = {"hyper_multiplier": "hyper_mult", "dead_threshold": "dead_abs", "scope": "token_scope"}
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Classification thresholds. Defaults are the original research's constants.
@@ -40,7 +44,9 @@ class Thresholds:
 
     @classmethod
     def from_json(cls, text: str) -> "Thresholds":
+        """Read :meth:`to_json` output; earlier names of a threshold (``OLD_NAMES``) are mapped."""
         data = json.loads(text)
+        data = {OLD_NAMES.get(k, k): v for k, v in data.items()}
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -12,8 +12,8 @@ so the DiT never sees the raw scale of a token (a per-token scalar on ``x`` is a
   size of that change). It replaces the original research's "attention sensitivity" (a softmax of
   token norms, one-hot on the sink token).
 - :func:`rank_dims`: dims ordered by ``s_d × |ln(σ_tgt,d / σ_ref,d)|``.
-- :func:`cap_features` / :func:`caption_space_cosine`: the caption embedder's output and the
-  per-token cosine of two encoders in that space.
+- :meth:`CapEmbedder.features`: the caption embedder's output; :func:`token_cosine64`: the per-token
+  cosine (of hidden states, or of two encoders' caption features).
 
 Everything is computed in float64 from upcast copies (bf16/fp16 weights and inputs are fine);
 inputs are never modified. Results are float32 unless stated otherwise.
@@ -27,8 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CapEmbedder", "cap_sensitivity", "rank_dims", "cap_features", "caption_space_cosine",
-           "check_cap_weights", "token_cosine64"]
+__all__ = ["CapEmbedder", "cap_sensitivity", "rank_dims", "check_cap_weights", "token_cosine64"]
 
 _F64 = torch.float64
 
@@ -135,45 +134,6 @@ def _features64(x: torch.Tensor, g: torch.Tensor, w: torch.Tensor, b: torch.Tens
     n = x64 * torch.rsqrt((x64 * x64).mean(-1, keepdim=True) + eps) * g
     out = n @ w.T
     return out + b if b is not None else out
-
-
-def cap_features(x: torch.Tensor, gain: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 eps: float | None = 1e-5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The caption embedder's output ``Linear(RMSNorm(x))`` for ``x`` ``[..., T, D]`` (float64 compute).
-
-    Returns a new tensor of ``dtype`` (float32 by default; pass ``torch.float64`` to keep precision).
-    """
-    g, w, b, e = check_cap_weights(gain, weight, bias, eps)
-    return _features64(x, g, w, b, e).to(dtype)
-
-
-def caption_space_cosine(ref: torch.Tensor, tgt: torch.Tensor, gain: torch.Tensor, weight: torch.Tensor,
-                         bias: torch.Tensor | None = None, eps: float | None = 1e-5,
-                         mask: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
-    """Per-token cosine of two sequences in caption-embedder space, over aligned tokens.
-
-    ``ref`` ``[T, D]`` and ``tgt`` ``[T2, D]``; token ``i`` of one is compared with token ``i`` of the
-    other for ``i < min(T, T2)``, optionally only where ``mask`` (bool, ≥ ``min(T, T2)`` entries) is
-    True. Returns ``(mean over finite values, per-token cosines float32)``; the mean is NaN when no
-    token is compared.
-    """
-    g, w, b, e = check_cap_weights(gain, weight, bias, eps)
-    for name, t in (("ref", ref), ("tgt", tgt)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"{name} must be a [T, D] tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    n = min(ref.shape[0], tgt.shape[0])
-    keep = torch.ones(n, dtype=torch.bool)
-    if mask is not None:
-        m = torch.as_tensor(mask).reshape(-1)
-        if m.dtype != torch.bool or m.numel() < n:
-            raise ValueError(f"mask must be a bool tensor with at least {n} entries")
-        keep = m[:n].cpu()
-    fa = _features64(ref[:n][keep], g, w, b, e)
-    fb = _features64(tgt[:n][keep], g, w, b, e)
-    cos = token_cosine64(fa, fb)
-    finite = cos[torch.isfinite(cos)]
-    return (float(finite.mean()) if finite.numel() else math.nan), cos.float()
 
 
 def token_cosine64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

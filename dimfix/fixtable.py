@@ -18,11 +18,9 @@ overwrite an existing file unless asked to. Loading validates everything and rai
 
 from __future__ import annotations
 
-import hashlib
-import json
+import io
 import math
 import os
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,7 +30,8 @@ from typing import Any, BinaryIO, Mapping
 import numpy as np
 import torch
 
-from .config import Thresholds
+from .config import OLD_NAMES, Thresholds
+from .safetensors_header import read_header
 
 FORMAT = "zimage-dimfix.fix-table"
 #: Version written by this module. Readers accept any version with the same major number.
@@ -51,7 +50,6 @@ KNOWN_EXTRAS = tuple(f"{s}_{p}" for s in SIDES for p in PERCENTILES.values()) + 
 META_KEYS = ("reference_model", "target_model", "layer", "reference_layer", "template", "token_scope",
              "prompt_count", "token_count", "created", "thresholds")
 
-_MAX_HEADER = 100 * 1024 * 1024
 _CHUNK = 1 << 20
 
 
@@ -72,26 +70,6 @@ def percentile_name(side: str, q: float) -> str:
 def utc_now_iso() -> str:
     """Current UTC time as ISO-8601 with a ``Z`` suffix, second precision."""
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def model_fingerprint(path: str | os.PathLike, name: str | None = None, length: int = 12) -> str:
-    """``"<name>@sha256:<first length hex digits>"`` of a checkpoint file.
-
-    For a folder (a sharded Hugging Face checkpoint) the ``*.index.json`` file is hashed if there is
-    one, else ``config.json``; ``name`` defaults to the file or folder name.
-    """
-    p = Path(path)
-    target = p
-    if p.is_dir():
-        candidates = sorted(p.glob("*.index.json")) or sorted(p.glob("config.json"))
-        if not candidates:
-            raise FileNotFoundError(f"{p}: no *.index.json or config.json to fingerprint")
-        target = candidates[0]
-    digest = hashlib.sha256()
-    with open(target, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return f"{name or p.name}@sha256:{digest.hexdigest()[:length]}"
 
 
 @dataclass
@@ -137,6 +115,7 @@ class FixTableMeta:
 
     @classmethod
     def from_strings(cls, meta: Mapping[str, str], where: str = "fix table") -> "FixTableMeta":
+        meta = {OLD_NAMES.get(k, k): v for k, v in meta.items()}  # earlier key names -> their one name
         def as_int(key: str) -> int:
             text = meta.get(key, "0")
             try:
@@ -311,31 +290,6 @@ def save_fix_table(table: FixTable, path: str | os.PathLike, overwrite: bool = F
     return dest
 
 
-def _read_header(data: bytes, where: str) -> dict[str, Any]:
-    if len(data) < 8:
-        raise FixTableError(f"{where}: not a safetensors file (only {len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n == 0 or n > _MAX_HEADER or 8 + n > len(data):
-        raise FixTableError(f"{where}: not a safetensors file or truncated (header length {n}, file size {len(data)})")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FixTableError(f"{where}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise FixTableError(f"{where}: not a safetensors file (header is not a JSON object)")
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise FixTableError(f"{where}: corrupt safetensors header entry for {name!r}") from None
-    if 8 + n + end > len(data):
-        raise FixTableError(f"{where}: file is truncated ({len(data)} bytes, header needs {8 + n + end})")
-    return header
-
-
 def load_fix_table(path: str | os.PathLike) -> FixTable:
     """Read and validate a fix table; raises :class:`FixTableError` naming the file and the problem."""
     from safetensors import SafetensorError
@@ -347,7 +301,7 @@ def load_fix_table(path: str | os.PathLike) -> FixTable:
         data = src.read_bytes()
     except OSError as exc:
         raise FixTableError(f"{where}: cannot read file ({exc.strerror or exc})") from None
-    header = _read_header(data, where)
+    header, _ = read_header(io.BytesIO(data), len(data), where, FixTableError)
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise FixTableError(f"{where}: safetensors metadata must map strings to strings")

@@ -22,7 +22,7 @@ __all__ = [
     "top_outlier_bars",
     "class_counts",
     "layer_heatmap",
-    "token_cosine_bars",
+    "analysis_figures",
     "to_image_batch",
 ]
 
@@ -312,36 +312,34 @@ def layer_heatmap(std: Any, layer_labels: Sequence[str] | None = None,
     return _render(fig)
 
 
-def token_cosine_bars(values: Sequence[float], labels: Sequence[str],
-                      title: str = "Per-prompt similarity to the reference",
-                      ylabel: str = "cosine similarity", size: tuple[int, int] = DEFAULT_SIZE) -> np.ndarray:
-    """Bars of one value per prompt (e.g. cosine similarity), labels shortened to fit; NaN shown as 'n/a'."""
-    vals = _vector(np.asarray(list(values), dtype=np.float64), "values")
-    labels = [str(v) for v in labels]
-    if len(labels) != vals.size:
-        raise ValueError(f"token_cosine_bars: {vals.size} values but {len(labels)} labels")
-    fig = _figure(size)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.set_title(title, fontsize=12)
-    if vals.size == 0:
-        _empty_note(ax, "no values to show")
-        return _render(fig)
-    finite = np.isfinite(vals)
-    heights = np.where(finite, vals, 0.0)
-    x = np.arange(vals.size)
-    ax.bar(x, heights, color=np.where(heights >= 0, "#9467bd", "#c44e52").tolist())
-    for xi, v, ok in zip(x, vals, finite):
-        ax.text(xi, v if ok else 0.0, f"{v:.3f}" if ok else "n/a", ha="center", va="bottom", fontsize=8)
-    short = [lab if len(lab) <= 28 else lab[:27] + "…" for lab in labels]
-    ax.set_xticks(x)
-    ax.set_xticklabels(short, rotation=30 if vals.size > 4 else 0, ha="right" if vals.size > 4 else "center",
-                       fontsize=8)
-    if finite.any() and heights.min() >= 0 and heights.max() <= 1:
-        ax.set_ylim(0, 1.05)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    return _render(fig)
+def analysis_figures(result: Any) -> list[np.ndarray]:
+    """The figures of an :class:`~dimfix.result.AnalysisResult` (uint8 RGB ``[H, W, 3]``): ratio histogram,
+    σ scatter, top outliers, dimension and token classes, and for sweeps a layer × dim heatmap of the
+    target's σ."""
+    from .report import pair_label, short
+
+    res = result.result()
+    c = res.comparison
+    tau = result.thresholds.outlier_ratio
+    where = pair_label(res.layer, res.reference_layer)
+    models = (short(result.reference_model, 30), short(result.target_model, 30))
+    counts = result.class_counts
+    images = [
+        ratio_histogram(np.log10(_vector(c.ratio, "ratio")), tau=tau,
+                        title=f"log10(σ_target / σ_reference), {where}, {result.token_scope} tokens"),
+        sigma_scatter(c.sigma_ref, c.sigma_tgt, tau=tau,
+                      title=f"Per-dimension σ: {models[1]} vs {models[0]} ({where})"),
+        top_outlier_bars(c.ratio, n=10, tau=tau),
+        class_counts({"dead": [len(c.dead_ref), len(c.dead_tgt)], "hyperactive": [len(c.hyper_ref), len(c.hyper_tgt)]},
+                     labels=models, title="Dimension classes"),
+        class_counts({k: [counts["reference"][k], counts["target"][k]] for k in counts["reference"]},
+                     labels=models, title="Tokens per class", ylabel="tokens"),
+    ]
+    if result.is_sweep:
+        std = np.stack([_vector(result.results[k].comparison.sigma_tgt, "sigma_tgt") for k in result.layers])
+        images.append(layer_heatmap(std, [str(k) for k in result.layers],
+                                    title=f"Target per-dimension σ by layer (log10(σ + 1)), {result.token_scope} tokens"))
+    return images
 
 
 def to_image_batch(arrays: Sequence[np.ndarray]) -> Any:

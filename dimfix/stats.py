@@ -39,12 +39,10 @@ Percentiles
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-
-from .tokens import TokenClass, scope_mask
 
 #: Rows kept for exact percentiles (and the reservoir size beyond): 4096 × 2560 × 8 B ≈ 84 MB.
 DEFAULT_SAMPLE_ROWS = 4096
@@ -54,7 +52,7 @@ DEFAULT_PERCENTILES = (0.1, 1.0, 50.0, 99.0, 99.9)
 _ZERO_VAR_FACTOR = 8.0 * float(np.finfo(np.float64).eps)
 _F64 = torch.float64
 
-__all__ = ["DimStats", "ClassedStats", "token_rms", "DEFAULT_SAMPLE_ROWS", "DEFAULT_PERCENTILES"]
+__all__ = ["DimStats", "DEFAULT_SAMPLE_ROWS", "DEFAULT_PERCENTILES"]
 
 
 def _nan(dim: int) -> torch.Tensor:
@@ -228,20 +226,6 @@ class DimStats:
         out._absorb(other)
         return out
 
-    @classmethod
-    def merged(cls, items: Iterable["DimStats"]) -> "DimStats":
-        """Merge several :class:`DimStats` (a non-empty iterable, same ``dim``) into a new one."""
-        items = list(items)
-        if not items:
-            raise ValueError("DimStats.merged: need at least one DimStats")
-        for item in items:
-            if not isinstance(item, DimStats) or item.dim != items[0].dim:
-                raise ValueError("DimStats.merged: every item must be a DimStats with the same dim")
-        out = DimStats(items[0].dim, min(i.sample_rows for i in items), items[0].seed)
-        for item in items:
-            out._absorb(item)
-        return out
-
     # ------------------------------------------------------------------ derived
     def _mean_or_nan(self) -> torch.Tensor:
         return self.mean.clone() if self.count > 0 else _nan(self.dim)
@@ -324,46 +308,6 @@ class DimStats:
         """``(mean, std)`` as float32 ``[D]`` tensors (the usual output precision)."""
         return self._mean_or_nan().float(), self.std(ddof).float()
 
-    # ------------------------------------------------------------------ serialisation
-    def to_tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """Flat dict of contiguous tensors (safetensors-ready) that :meth:`from_tensors` reads back."""
-        meta = torch.tensor([self.count, self.dim, self.sample_rows, self.seed], dtype=torch.int64)
-        return {
-            f"{prefix}meta": meta,
-            f"{prefix}mean": self.mean.clone(), f"{prefix}m2": self.m2.clone(),
-            f"{prefix}m3": self.m3.clone(), f"{prefix}m4": self.m4.clone(),
-            f"{prefix}min": self.min.clone(), f"{prefix}max": self.max.clone(),
-            f"{prefix}rows": self.rows.clone().contiguous(),
-        }
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "") -> "DimStats":
-        """Rebuild a :class:`DimStats` from :meth:`to_tensors` output (validated, copied)."""
-        names = ("meta", "mean", "m2", "m3", "m4", "min", "max", "rows")
-        missing = [prefix + n for n in names if prefix + n not in tensors]
-        if missing:
-            raise ValueError(f"DimStats.from_tensors: missing tensors {missing}")
-        meta = tensors[prefix + "meta"]
-        if meta.numel() != 4:
-            raise ValueError(f"DimStats.from_tensors: '{prefix}meta' must hold [count, dim, sample_rows, seed]")
-        count, dim, sample_rows, seed = (int(v) for v in meta.tolist())
-        out = cls(dim, sample_rows, seed)
-        for name in ("mean", "m2", "m3", "m4", "min", "max"):
-            t = tensors[prefix + name]
-            if tuple(t.shape) != (dim,):
-                raise ValueError(f"DimStats.from_tensors: '{prefix}{name}' must have shape [{dim}], "
-                                 f"got {tuple(t.shape)}")
-            setattr(out, name, t.detach().to(device="cpu", dtype=_F64).clone())
-        rows = tensors[prefix + "rows"]
-        if rows.dim() != 2 or rows.shape[1] != dim or rows.shape[0] > max(sample_rows, 0) \
-                or rows.shape[0] > count or (count <= sample_rows and rows.shape[0] != count):
-            raise ValueError(f"DimStats.from_tensors: '{prefix}rows' has shape {tuple(rows.shape)}, "
-                             f"inconsistent with count={count}, dim={dim}, sample_rows={sample_rows}")
-        out.count = count
-        out._rows = rows.detach().to(device="cpu", dtype=_F64).clone()
-        out._nrows = rows.shape[0]
-        return out
-
     def __repr__(self) -> str:
         return f"DimStats(dim={self.dim}, count={self.count}, rows={self._nrows}/{self.sample_rows})"
 
@@ -387,58 +331,3 @@ def _centred_moments(c: torch.Tensor, d: torch.Tensor, e: torch.Tensor) -> tuple
     e.mul_(e)  # e = d⁴
     m4 = e.sum(0)
     return mean, m2, m3, m4, c.amin(0), c.amax(0)
-
-
-class ClassedStats:
-    """One :class:`DimStats` per :class:`~dimfix.tokens.TokenClass`, merged on demand by scope."""
-
-    def __init__(self, dim: int, sample_rows: int = DEFAULT_SAMPLE_ROWS, seed: int = 0) -> None:
-        self.dim = int(dim)
-        self.by_class: dict[TokenClass, DimStats] = {
-            c: DimStats(dim, sample_rows, seed + int(c)) for c in TokenClass}
-
-    def update(self, x: torch.Tensor, labels: torch.Tensor) -> None:
-        """Accumulate ``x`` (``[T, D]`` or ``[B, T, D]``) with class ``labels`` (int64 ``[T]`` or ``[B, T]``)."""
-        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
-            raise ValueError(f"ClassedStats.update: x must be [T, D] or [B, T, D], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
-            raise TypeError("ClassedStats.update: labels must be an int64 tensor of TokenClass values")
-        tokens_shape = tuple(x.shape[:-1])
-        if tuple(labels.shape) == tokens_shape:
-            lab = labels
-        elif labels.dim() == 1 and x.dim() == 3 and labels.shape[0] == x.shape[1]:
-            lab = labels.unsqueeze(0).expand(tokens_shape)
-        else:
-            raise ValueError(f"ClassedStats.update: labels shape {tuple(labels.shape)} does not match the "
-                             f"tokens of x {tokens_shape} (expected [T] or {tokens_shape})")
-        valid = {int(c) for c in TokenClass}
-        bad = set(torch.unique(lab).tolist()) - valid
-        if bad:
-            raise ValueError(f"ClassedStats.update: unknown token classes {sorted(bad)} (valid {sorted(valid)})")
-        batches = {}
-        for c, s in self.by_class.items():  # all classes first, then commit: the update is atomic
-            m = lab == int(c)
-            if bool(m.any()):
-                batches[c] = s._like()
-                batches[c].update(x, m)
-        for c, b in batches.items():
-            self.by_class[c]._absorb(b)
-
-    def scope(self, name: str) -> DimStats:
-        """Merged stats of the classes in scope ``"all"``, ``"content"`` or ``"no_sink"`` (see tokens.scope_mask)."""
-        classes = torch.tensor([int(c) for c in TokenClass], dtype=torch.int64)
-        selected = classes[scope_mask(classes, name)].tolist()
-        return DimStats.merged(self.by_class[TokenClass(c)] for c in selected)
-
-    def counts(self) -> dict[str, int]:
-        """Token count per class, keyed by lower-case class name (``sink``, ``template``, ...)."""
-        return {c.name.lower(): s.count for c, s in self.by_class.items()}
-
-
-def token_rms(x: torch.Tensor) -> torch.Tensor:
-    """Per-token RMS over the last dim (``[...]``), computed in float64, returned float32."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise TypeError("token_rms: x must be a floating-point tensor [..., D]")
-    x64 = x.detach().to(_F64)
-    return (x64 * x64).mean(-1).sqrt().float()

@@ -18,6 +18,10 @@ from typing import Sequence
 import torch
 
 ZIMAGE_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+#: Width of Z-Image's text conditioning: the Qwen3-4B hidden size.
+ZIMAGE_WIDTH = 2560
+#: Token scopes of statistics and fixes (see :func:`scope_mask`), the default first.
+SCOPES = ("content", "no_sink", "all")
 
 ENDOFTEXT = 151643
 IM_START = 151644
@@ -25,6 +29,8 @@ IM_END = 151645
 #: Token ids of the template around the prompt, for the Qwen2/Qwen3 tokenizer.
 TEMPLATE_PREFIX_IDS = (IM_START, 872, 198)  # <|im_start|> user \n
 TEMPLATE_SUFFIX_IDS = (IM_END, 198, IM_START, 77091, 198)  # <|im_end|> \n <|im_start|> assistant \n
+#: The empty think block ComfyUI's Qwen3-VL tokenizer appends after the template: <think> \n\n </think> \n\n
+THINK_BLOCK_IDS = (151667, 271, 151668, 271)
 #: Ids at or above this value are special tokens in Qwen3's vocabulary.
 FIRST_SPECIAL_ID = ENDOFTEXT
 
@@ -55,6 +61,10 @@ def classify_ids(ids: Sequence[int]) -> torch.Tensor:
     if ids[-1] == ENDOFTEXT and n > 1:
         labels[-1] = int(TokenClass.APPENDED_EOS)
         end = n - 1
+    t = len(THINK_BLOCK_IDS)
+    if end >= t and tuple(ids[end - t:end]) == THINK_BLOCK_IDS:
+        labels[end - t:end] = int(TokenClass.TEMPLATE)
+        end -= t
     if tuple(ids[:p]) == TEMPLATE_PREFIX_IDS:
         labels[:p] = int(TokenClass.TEMPLATE)
     if end >= s and tuple(ids[end - s:end]) == TEMPLATE_SUFFIX_IDS:
@@ -83,16 +93,21 @@ def classify_positions(n_tokens: int, prefix: int = len(TEMPLATE_PREFIX_IDS),
     return labels
 
 
-def scope_mask(labels: torch.Tensor, scope: str) -> torch.Tensor:
+def check_scope(token_scope: str) -> str:
+    """``token_scope`` if it is one of :data:`SCOPES`, else a ValueError listing them."""
+    if token_scope not in SCOPES:
+        raise ValueError(f"token scope must be one of {', '.join(SCOPES)}; got {token_scope!r}")
+    return token_scope
+
+
+def scope_mask(labels: torch.Tensor, token_scope: str) -> torch.Tensor:
     """Boolean mask of the tokens a fix or statistic applies to.
 
-    ``scope``: ``"all"`` (every token), ``"content"`` (prompt tokens only) or
+    ``token_scope``: ``"all"`` (every token), ``"content"`` (prompt tokens only) or
     ``"no_sink"`` (everything except position 0 and an appended EOS).
     """
-    if scope == "all":
+    if check_scope(token_scope) == "all":
         return torch.ones_like(labels, dtype=torch.bool)
-    if scope == "content":
+    if token_scope == "content":
         return labels == int(TokenClass.CONTENT)
-    if scope == "no_sink":
-        return (labels != int(TokenClass.SINK)) & (labels != int(TokenClass.APPENDED_EOS))
-    raise ValueError(f"token scope must be 'all', 'content' or 'no_sink', got {scope!r}")
+    return (labels != int(TokenClass.SINK)) & (labels != int(TokenClass.APPENDED_EOS))

@@ -18,20 +18,19 @@ import re
 import torch
 from comfy_api.latest import io, ui
 
-from ..dimfix import conditioning as cond_utils
-from ..dimfix.analysis import CorpusAnalysis
+from ..dimfix.analysis import CorpusAnalysis, analyze_conditioning_pairs
 from ..dimfix.config import Thresholds
 from ..dimfix.corpus import default_corpus_path, load_default_corpus, parse_corpus
 from ..dimfix.fixtable import save_fix_table
 from ..dimfix.layers import LayerIndexError, plan_analysis_layers
 from ..dimfix.plots import to_image_batch
-from ..dimfix.tokens import ZIMAGE_TEMPLATE, classify_ids, classify_positions
-from .common import CATEGORY, FIX_TABLES_FOLDER, FixTableSocket, register_fix_tables_folder
+from ..dimfix.tokens import SCOPES, ZIMAGE_TEMPLATE, classify_ids, classify_positions
+from . import comfy_access as host
+from .common import CATEGORY, FixTableSocket
 
 log = logging.getLogger(__name__)
 
 NODE = "Dimension Analyzer"
-SCOPES = ("content", "no_sink", "all")
 _SAVE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,127}$")
 
 
@@ -40,81 +39,6 @@ def _default_prompts() -> str:
         return default_corpus_path().read_text(encoding="utf-8")
     except OSError:
         return ""
-
-
-# ---------------------------------------------------------------------------- encoder access
-def _inner(clip, socket: str):
-    """The text model inside a CLIP that supports HF-indexed layer selection (``layer`` = list / "all")."""
-    csm = getattr(clip, "cond_stage_model", None)
-    name = getattr(csm, "clip", None)
-    inner = getattr(csm, name, None) if isinstance(name, str) else None
-    if inner is None or not hasattr(inner, "layer") or not hasattr(inner, "num_layers") \
-            or not hasattr(inner, "reset_clip_options"):
-        raise ValueError(f"{NODE}: input '{socket}' is not a single-model text encoder with selectable hidden layers "
-                         f"(got {type(csm).__name__}); use a Qwen3 CLIP, or connect conditionings to "
-                         "'reference_conditioning' / 'target_conditioning' instead")
-    return inner
-
-
-def _hf_layers(clip, socket: str) -> int:
-    """Number of HF hidden states (transformer blocks + 1) of the CLIP's text model."""
-    return int(_inner(clip, socket).num_layers) + 1
-
-
-def _token_ids(tokens) -> list[int] | None:
-    """Token ids of a one-encoder, one-section ``clip.tokenize`` result (None when not plain ids)."""
-    if not isinstance(tokens, dict) or len(tokens) != 1:
-        return None
-    sections = next(iter(tokens.values()))
-    if len(sections) != 1:
-        return None
-    ids = []
-    for item in sections[0]:
-        tok = item[0] if isinstance(item, (tuple, list)) else item
-        if isinstance(tok, bool) or not isinstance(tok, int):
-            return None  # an injected embedding: ids unknown
-        ids.append(int(tok))
-    return ids
-
-
-def encode_hidden(clip, text: str, layers: list[int] | str, socket: str) -> tuple[torch.Tensor, list[int] | None]:
-    """Hidden states ``[L, T, D]`` (float32) of ``text`` at HF ``layers`` (non-negative list or "all").
-
-    One forward; the CLIP's layer options are restored afterwards whatever happens.
-    """
-    tokens = clip.tokenize(text)
-    inner = _inner(clip, socket)
-    clip.load_model()
-    try:
-        inner.reset_clip_options()
-        inner.layer = layers
-        inner.set_clip_options({"execution_device": clip.patcher.load_device})
-        out = clip.cond_stage_model.encode_token_weights(tokens)
-    finally:
-        inner.reset_clip_options()
-    cond = out[0]
-    if cond.dim() != 4 or cond.shape[0] != 1:
-        raise ValueError(f"{NODE}: '{socket}' returned hidden states of shape {tuple(cond.shape)}; expected "
-                         "[1, layers, tokens, width] (an unsupported text encoder?)")
-    return cond[0], _token_ids(tokens)
-
-
-def _model_name(clip, socket: str) -> str:
-    """A name for the table's metadata: ``dimfix_model_name`` if a loader recorded one on the CLIP or on its
-    (clone-shared) ``cond_stage_model``, else the architecture, depth, vocabulary and width."""
-    for owner in (clip, getattr(clip, "cond_stage_model", None), _inner(clip, socket)):
-        named = getattr(owner, "dimfix_model_name", None)
-        if isinstance(named, str) and named:
-            return named
-    inner = _inner(clip, socket)
-    transformer = getattr(inner, "transformer", None)
-    shape = None
-    try:
-        shape = tuple(transformer.get_input_embeddings().weight.shape)
-    except (AttributeError, TypeError):
-        pass
-    detail = f", vocab {shape[0]}, width {shape[1]}" if shape and len(shape) == 2 else ""
-    return f"{type(transformer).__name__} ({inner.num_layers} layers{detail})"
 
 
 def _distinct(names: tuple[str, str]) -> tuple[str, str]:
@@ -130,22 +54,6 @@ def _cond_name(cond, default: str) -> str:
     return str(name) if name else default
 
 
-def cap_embedder_weights(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
-    """``(gain, weight, bias, eps)`` of a Z-Image / Lumina2 MODEL's caption embedder (RMSNorm → Linear).
-
-    The module's stored weights are read (a LoRA patch on the caption embedder is not applied).
-    """
-    dm = getattr(getattr(model, "model", None), "diffusion_model", None)
-    cap = getattr(dm, "cap_embedder", None)
-    try:
-        norm, linear = cap[0], cap[1]
-        gain, weight = norm.weight, linear.weight
-    except (TypeError, IndexError, AttributeError):
-        raise ValueError(f"{NODE}: input 'model' is not a Z-Image (Lumina2/NextDiT) diffusion model: it has no "
-                         "caption embedder 'cap_embedder' = RMSNorm -> Linear") from None
-    bias = getattr(linear, "bias", None)
-    return gain, weight, bias, getattr(norm, "eps", None)
-
 
 # ---------------------------------------------------------------------------- node
 class DimensionAnalyzer(io.ComfyNode):
@@ -153,8 +61,9 @@ class DimensionAnalyzer(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return host.schema(
             node_id="DimFixDimensionAnalyzer",
+            search_aliases=["dimfix", "fix table", "embedding analysis", "text encoder swap", "qwen3 embedding"],
             display_name="Dimension Analyzer",
             category=CATEGORY,
             description=(
@@ -188,9 +97,9 @@ class DimensionAnalyzer(io.ComfyNode):
                                          "the report adds a per-layer table and a recommended target layer."),
                 io.Float.Input("outlier_ratio", default=3.0, min=1.01, max=1000.0, step=0.1,
                                tooltip="τ: a dim is an outlier when σ_target/σ_reference > τ or < 1/τ."),
-                io.Float.Input("dead_threshold", default=0.01, min=0.0, max=100.0, step=0.001,
+                io.Float.Input("dead_abs", default=0.01, min=0.0, max=100.0, step=0.001,
                                tooltip="A dim is dead when its σ is below this value."),
-                io.Float.Input("hyper_multiplier", default=5.0, min=1.0, max=1000.0, step=0.5,
+                io.Float.Input("hyper_mult", default=5.0, min=1.0, max=1000.0, step=0.5,
                                tooltip="A dim is hyperactive when its σ exceeds this multiple of the model's "
                                        "median σ."),
                 io.Combo.Input("token_scope", options=list(SCOPES), default="content",
@@ -226,30 +135,27 @@ class DimensionAnalyzer(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, prompts="", layer=-2, reference_layer=-2, sweep_all_layers=False,
-                           outlier_ratio=3.0, dead_threshold=0.01, hyper_multiplier=5.0, token_scope="content",
+                           outlier_ratio=3.0, dead_abs=0.01, hyper_mult=5.0, token_scope="content",
                            save_name="", overwrite=False, **linked) -> str:
         """Widget values, plus the state of the save destination: linked inputs (encoders, model,
         conditionings) arrive as None here, so their identity cannot be part of this fingerprint; ComfyUI
         already re-runs the node when an upstream output changes (e.g. another checkpoint is loaded), and
         otherwise reuses the cached result -- unless the saved table was deleted or replaced since."""
-        key = repr((prompts, layer, reference_layer, sweep_all_layers, outlier_ratio, dead_threshold,
-                    hyper_multiplier, token_scope, save_name, overwrite, _dest_state(save_name)))
+        key = repr((prompts, layer, reference_layer, sweep_all_layers, outlier_ratio, dead_abs,
+                    hyper_mult, token_scope, save_name, overwrite, _dest_state(save_name)))
         return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
     @classmethod
     def execute(cls, prompts: str = "", layer: int = -2, reference_layer: int = -2, sweep_all_layers: bool = False,
-                outlier_ratio: float = 3.0, dead_threshold: float = 0.01, hyper_multiplier: float = 5.0,
+                outlier_ratio: float = 3.0, dead_abs: float = 0.01, hyper_mult: float = 5.0,
                 token_scope: str = "content", reference=None, target=None, model=None,
                 reference_conditioning=None, target_conditioning=None, save_name: str = "",
                 overwrite: bool = False) -> io.NodeOutput:
-        import comfy.model_management
-        import comfy.utils
-
         if token_scope not in SCOPES:
             raise ValueError(f"{NODE}: token_scope must be one of {list(SCOPES)}, got {token_scope!r}")
         try:
-            thresholds = Thresholds(outlier_ratio=float(outlier_ratio), dead_abs=float(dead_threshold),
-                                    hyper_mult=float(hyper_multiplier))
+            thresholds = Thresholds(outlier_ratio=float(outlier_ratio), dead_abs=float(dead_abs),
+                                    hyper_mult=float(hyper_mult))
         except ValueError as exc:
             raise ValueError(f"{NODE}: {exc}") from None
         dest = _save_path(save_name, overwrite)
@@ -264,27 +170,16 @@ class DimensionAnalyzer(io.ComfyNode):
                                  "hold one layer only")
             if reference is not None or target is not None:
                 log.info("%s: conditioning pair connected; the encoder inputs are not used", NODE)
-            ref_items = cond_utils.sequences(reference_conditioning, "reference_conditioning", NODE)
-            tgt_items = cond_utils.sequences(target_conditioning, "target_conditioning", NODE)
-            if len(ref_items) != len(tgt_items):
-                raise ValueError(f"{NODE}: 'reference_conditioning' holds {len(ref_items)} sequences but "
-                                 f"'target_conditioning' {len(tgt_items)}; they are paired one to one")
-            widths = {int(x.shape[-1]) for x in ref_items} | {int(x.shape[-1]) for x in tgt_items}
-            if len(widths) != 1:
-                raise ValueError(f"{NODE}: conditioning widths differ (reference {ref_items[0].shape[-1]}, target "
-                                 f"{tgt_items[0].shape[-1]}, all: {sorted(widths)}); both must come from encoders "
-                                 "of the same hidden size")
-            dim = widths.pop()
-            an = CorpusAnalysis(dim, layers=[int(layer)], thresholds=thresholds, scope=token_scope,
-                                reference_layer=None if int(reference_layer) == int(layer) else int(reference_layer))
-            _set_dit(an, model)
-            pbar = comfy.utils.ProgressBar(len(ref_items))
-            for i, (r, t) in enumerate(zip(ref_items, tgt_items)):
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                r_lab = classify_positions(r.shape[0], appended_eos=False)
-                t_lab = classify_positions(t.shape[0], appended_eos=t.shape[0] == r.shape[0] + 1)
-                an.add_prompt(r.unsqueeze(0), t.unsqueeze(0), r_lab, t_lab, prompt=f"conditioning {i}")
-                pbar.update(1)
+            pbar = host.progress(1)
+
+            def step(done: int, total: int) -> None:
+                pbar.update_absolute(done, total)
+                host.check_interrupt()
+
+            an = analyze_conditioning_pairs(reference_conditioning, target_conditioning, layer=int(layer),
+                                            reference_layer=int(reference_layer), thresholds=thresholds,
+                                            token_scope=token_scope, cap_weights=_cap_weights(model), node=NODE,
+                                            step=step)
             names = (_cond_name(reference_conditioning, "reference conditioning"),
                      _cond_name(target_conditioning, "target conditioning"))
             template = ""
@@ -292,38 +187,15 @@ class DimensionAnalyzer(io.ComfyNode):
             if reference is None or target is None:
                 raise ValueError(f"{NODE}: connect both text encoders 'reference' and 'target', or the conditioning "
                                  "pair 'reference_conditioning' / 'target_conditioning'")
-            text = prompts if isinstance(prompts, str) else ""
-            corpus = load_default_corpus() if not text.strip() else parse_corpus(text, source="prompts")
-            for note in corpus.notes:
-                log.info("%s: %s", NODE, note)
-            n_ref, n_tgt = _hf_layers(reference, "reference"), _hf_layers(target, "target")
-            try:
-                lp = plan_analysis_layers(layer, reference_layer, n_tgt, n_ref, bool(sweep_all_layers))
-            except LayerIndexError as e:
-                raise ValueError(f"{NODE}: {e}") from None
-            an = None
-            pbar = comfy.utils.ProgressBar(len(corpus.prompts))
-            for prompt in corpus.prompts:
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                r, r_ids = encode_hidden(reference, prompt, lp.select_reference, "reference")
-                t, t_ids = encode_hidden(target, prompt, lp.select_target, "target")
-                if r.shape[-1] != t.shape[-1]:
-                    raise ValueError(f"{NODE}: the encoders have different widths (reference {r.shape[-1]}, target "
-                                     f"{t.shape[-1]}); a fix table needs the same hidden size")
-                if an is None:
-                    an = CorpusAnalysis(r.shape[-1], layers=lp.labels, thresholds=thresholds, scope=token_scope,
-                                        primary_layers=[lp.primary], reference_layer=lp.reference_layer)
-                    _set_dit(an, model)
-                an.add_prompt(r, t, _labels(r_ids, r.shape[1]), _labels(t_ids, t.shape[1]), prompt=prompt,
-                              ref_ids=r_ids, tgt_ids=t_ids)
-                pbar.update(1)
-            names = (_model_name(reference, "reference"), _model_name(target, "target"))
+            an = _encoder_analysis(reference, target, prompts, layer, reference_layer, bool(sweep_all_layers),
+                                   thresholds, token_scope, model)
+            names = (host.model_name(reference, "reference", NODE), host.model_name(target, "target", NODE))
             template = ZIMAGE_TEMPLATE
 
         names = _distinct(names)
         result = an.finish(reference_model=names[0], target_model=names[1])
         table = result.fix_table(template=template)
-        report = result.report_markdown()
+        report = result.report_markdown() + _vl_note(reference, target, cond_mode)
         images = to_image_batch(result.plots())
         if dest is not None:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -332,21 +204,63 @@ class DimensionAnalyzer(io.ComfyNode):
             log.info("%s: saved fix table to %s", NODE, saved)
         for w in result.warnings[:20]:
             log.warning("%s: %s", NODE, w)
-        return io.NodeOutput(table, report, images, ui=ui.PreviewImage(images, cls=cls))
+        # the plots as the node's image preview, the report as its text (markdown on frontends that render it)
+        return io.NodeOutput(table, report, images, ui={**ui.PreviewImage(images, cls=cls).as_dict(), "text": [report]})
+
+
+def _vl_note(reference, target, cond_mode: bool) -> str:
+    if cond_mode:
+        return ""
+    sides = [side for side, clip in (("reference", reference), ("target", target))
+             if host.text_model_kind(clip) == "Qwen3-VL"]
+    if not sides:
+        return ""
+    return (f"\n**Qwen3-VL:** the {' and '.join(sides)} encoder is a core Qwen3-VL CLIP: {host.VL_NOTE}; its 4 think "
+            "tokens count as template tokens here. Z-Image was trained on Qwen3-4B without them.\n")
+
+
+def _positions(select: list[int] | str, n_states: int) -> list[int]:
+    return list(range(n_states)) if select == "all" else sorted(set(select))
+
+
+def _encoder_analysis(reference, target, prompts: str, layer: int, reference_layer: int, sweep: bool,
+                      thresholds: Thresholds, token_scope: str, model) -> CorpusAnalysis:
+    """Encode every corpus prompt with both encoders (one forward each) and feed the analysis."""
+    text = prompts if isinstance(prompts, str) else ""
+    corpus = load_default_corpus() if not text.strip() else parse_corpus(text, source="prompts")
+    for note in corpus.notes:
+        log.info("%s: %s", NODE, note)
+    n_ref, n_tgt = host.depth(reference, "reference", NODE) + 1, host.depth(target, "target", NODE) + 1
+    try:
+        lp = plan_analysis_layers(layer, reference_layer, n_tgt, n_ref, sweep)
+    except LayerIndexError as e:
+        raise ValueError(f"{NODE}: {e}") from None
+    an = None
+    pbar = host.progress(len(corpus.prompts))
+    for prompt in corpus.prompts:
+        host.check_interrupt()
+        r, r_ids = host.encode_layers(reference, prompt, _positions(lp.select_reference, n_ref), "reference", NODE)
+        t, t_ids = host.encode_layers(target, prompt, _positions(lp.select_target, n_tgt), "target", NODE)
+        if r.shape[-1] != t.shape[-1]:
+            raise ValueError(f"{NODE}: the encoders have different widths (reference {r.shape[-1]}, target "
+                             f"{t.shape[-1]}); a fix table needs the same hidden size")
+        if an is None:
+            an = CorpusAnalysis(r.shape[-1], layers=lp.labels, thresholds=thresholds, token_scope=token_scope,
+                                primary_layers=[lp.primary], reference_layer=lp.reference_layer)
+            if model is not None:
+                an.set_dit(*_cap_weights(model))
+        an.add_prompt(r, t, _labels(r_ids, r.shape[1]), _labels(t_ids, t.shape[1]), prompt=prompt,
+                      ref_ids=r_ids, tgt_ids=t_ids)
+        pbar.update(1)
+    return an
 
 
 def _labels(ids: list[int] | None, n: int) -> torch.Tensor:
     return classify_ids(ids) if ids is not None else classify_positions(n)
 
 
-def _set_dit(an: CorpusAnalysis, model) -> None:
-    if model is None:
-        return
-    gain, weight, bias, eps = cap_embedder_weights(model)
-    if gain.shape[-1] != an.dim:
-        raise ValueError(f"{NODE}: input 'model' takes {gain.shape[-1]}-dim caption features but the encoders have "
-                         f"{an.dim} dims (connect the Z-Image model this text encoder is meant for)")
-    an.set_dit(gain, weight, bias, eps)
+def _cap_weights(model) -> tuple | None:
+    return None if model is None else host.caption_embedder(model, NODE)
 
 
 def _dest_state(save_name: str) -> tuple | None:
@@ -366,8 +280,6 @@ def _dest_state(save_name: str) -> tuple | None:
 
 def _save_path(save_name: str, overwrite: bool) -> str | None:
     """``<models_dir>/fix_tables/<save_name>.safetensors``, or None; refuses bad names and silent overwrites."""
-    import folder_paths
-
     name = (save_name or "").strip()
     if not name:
         return None
@@ -376,8 +288,8 @@ def _save_path(save_name: str, overwrite: bool) -> str | None:
     if not _SAVE_NAME_RE.match(name) or ".." in name:
         raise ValueError(f"{NODE}: save_name {save_name!r} is not a plain file name; use letters, digits, '.', '_', "
                          "'-' and spaces (no folders); the table goes to models/fix_tables/<save_name>.safetensors")
-    register_fix_tables_folder()
-    dest = os.path.join(folder_paths.models_dir, FIX_TABLES_FOLDER, name + ".safetensors")
+    host.register_fix_tables_folder()
+    dest = os.path.join(host.fix_tables_save_dir(), name + ".safetensors")
     if os.path.exists(dest) and not overwrite:
         raise ValueError(f"{NODE}: {dest} already exists; set 'overwrite' to true to replace it, or choose another "
                          "save_name")

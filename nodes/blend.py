@@ -9,8 +9,9 @@ from comfy_api.latest import io
 from ..dimfix import blend
 from ..dimfix import conditioning as cond_utils
 from ..dimfix.fixtable import FixTable
-from .common import CATEGORY, FixTableSocket, fix_table_files
-from .fix import NO_FILE, check_width, resolve_table, table_file_fingerprint
+from . import comfy_access as host
+from .common import CATEGORY, NO_FILE, FixTableSocket, check_width, resolve_table, table_file_fingerprint, \
+    table_file_input
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +19,9 @@ log = logging.getLogger(__name__)
 class EmbeddingBlend(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return host.schema(
             node_id="DimFixEmbeddingBlend",
+            search_aliases=["dimfix", "conditioning blend", "embedding mix", "encoder ensemble"],
             display_name="Embedding Blend",
             category=CATEGORY,
             description="alpha·primary + (1 − alpha)·secondary, with the secondary resampled to the primary's "
@@ -50,9 +52,8 @@ class EmbeddingBlend(io.ComfyNode):
                                  tooltip="Scale each secondary token to the RMS of the aligned primary token "
                                          "before mixing, so alpha weighs directions, not loudness (Z-Image "
                                          "RMS-normalises every token)."),
-                io.Combo.Input("table_file", options=[NO_FILE, *fix_table_files()], default=NO_FILE,
-                               tooltip="Saved fix table (reference vs the secondary's encoder) for outlier "
-                                       "handling and pad_mean. Ignored when a FIX_TABLE is connected."),
+                table_file_input("Saved fix table (reference vs the secondary's encoder) for outliers and "
+                                 "pad_mean; ignored when a FIX_TABLE is connected."),
                 FixTableSocket.Input("fix_table", optional=True,
                                      tooltip="Fix table for outlier handling and pad_mean; takes precedence over "
                                              "table_file."),
@@ -84,7 +85,7 @@ class EmbeddingBlend(io.ComfyNode):
         table = None
         if outliers != "none" or align == "pad_mean" or fix_table is not None or table_file != NO_FILE:
             table = resolve_table(fix_table, table_file, node)
-            check_width(secondary[:1], table, "secondary")
+            check_width(secondary[:1], table, "secondary", node)
 
         def mix(t, _meta):
             if sec.shape[0] not in (1, t.shape[0]):

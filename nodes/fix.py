@@ -3,54 +3,21 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from comfy_api.latest import io
 
 from ..dimfix import conditioning as cond_utils
 from ..dimfix import fixes
 from ..dimfix.config import Thresholds
-from ..dimfix.fixtable import FixTable, load_fix_table
-from .common import CATEGORY, FixTableSocket, fix_table_files, fix_table_path
+from ..dimfix.fixtable import FixTable
+from ..dimfix.tokens import SCOPES
+from . import comfy_access as host
+from .common import CATEGORY, NO_FILE, FixTableSocket, check_width, resolve_table, table_file_fingerprint, \
+    table_file_input
 
 log = logging.getLogger(__name__)
 
-NO_FILE = "none"
-SCOPES = ("content", "no_sink", "all")
 DEFAULT_MODE = "affine"
-
-
-def resolve_table(fix_table: FixTable | None, table_file: str, node: str) -> FixTable:
-    """The connected FIX_TABLE, else the chosen saved table; a clear error when neither is given."""
-    if fix_table is not None:
-        if not isinstance(fix_table, FixTable):
-            raise ValueError(f"{node}: input 'fix_table' must be a fix table, got {type(fix_table).__name__}")
-        if table_file != NO_FILE:
-            log.info("%s: using the connected fix_table; table_file %r is ignored", node, table_file)
-        return fix_table
-    if table_file and table_file != NO_FILE:
-        return load_fix_table(fix_table_path(table_file))
-    raise ValueError(f"{node}: no fix table -- connect a FIX_TABLE (Dimension Analyzer) or choose a saved table in "
-                     "'table_file' (files in models/fix_tables)")
-
-
-def table_file_fingerprint(table_file: str) -> tuple:
-    """Changes when the chosen table file changes on disk, so ComfyUI re-runs the node."""
-    if not table_file or table_file == NO_FILE:
-        return (table_file,)
-    try:
-        st = os.stat(fix_table_path(table_file))
-    except (OSError, KeyError):
-        return (table_file, None)
-    return (table_file, st.st_mtime_ns, st.st_size)
-
-
-def check_width(cond: list, table: FixTable, socket: str) -> None:
-    for i, (t, _) in enumerate(cond):
-        if t.shape[-1] != table.dim:
-            raise ValueError(f"input '{socket}' entry {i} has width {t.shape[-1]} but the fix table "
-                             f"({table.meta.target_model or 'target'} vs {table.meta.reference_model or 'reference'}) "
-                             f"has width {table.dim}; use a table measured for this encoder")
 
 
 def warn_provenance(table: FixTable, cond: list, scope: str, node: str) -> None:
@@ -79,8 +46,9 @@ def thresholds_for(table: FixTable, outlier_ratio: float, hyper_mult: float, cla
 class EmbeddingDimensionFix(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return host.schema(
             node_id="DimFixEmbeddingDimensionFix",
+            search_aliases=["dimfix", "fix table", "dimension fix", "text encoder swap", "embedding fix"],
             display_name="Embedding Dimension Fix",
             category=CATEGORY,
             description="Corrects a substitute encoder's CONDITIONING dimension by dimension with a fix table "
@@ -103,9 +71,8 @@ class EmbeddingDimensionFix(io.ComfyNode):
                                        "token and the chat-template tokens pass unchanged (their massive "
                                        "activations are what Z-Image expects). no_sink: all but position 0. "
                                        "all: every token (the original research)."),
-                io.Combo.Input("table_file", options=[NO_FILE, *fix_table_files()], default=NO_FILE,
-                               tooltip="A saved fix table from models/fix_tables. Ignored when a FIX_TABLE is "
-                                       "connected."),
+                table_file_input("A saved fix table from models/fix_tables; ignored when a FIX_TABLE is "
+                                 "connected."),
                 FixTableSocket.Input("fix_table", optional=True,
                                      tooltip="Fix table from the Dimension Analyzer; takes precedence over "
                                              "table_file."),
@@ -137,10 +104,10 @@ class EmbeddingDimensionFix(io.ComfyNode):
         node = "Embedding Dimension Fix"
         cond_utils.validate(conditioning, socket="conditioning", node=node)
         table = resolve_table(fix_table, table_file, node)
-        check_width(conditioning, table, "conditioning")
+        check_width(conditioning, table, "conditioning", node)
         warn_provenance(table, conditioning, token_scope, node)
         th = thresholds_for(table, outlier_ratio, hyper_mult, clamp_sigma)
-        plan = fixes.cached_plan(table, mode, strength, th)  # fallbacks (e.g. no percentiles) are logged
+        plan = fixes.plan_fix(table, mode, strength, th)  # fallbacks (e.g. no percentiles) are logged
 
         def fix(t, _meta):
             return fixes.apply_scoped(t, plan, token_scope)

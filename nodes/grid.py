@@ -8,6 +8,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..dimfix.grid import grid_to_tensor
+from . import comfy_access as host
 from .common import CATEGORY
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,9 @@ def collect(images: list, labels: list[str]) -> tuple[list[torch.Tensor], list[s
 class ComparisonGrid(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return host.schema(
             node_id="DimFixComparisonGrid",
+            search_aliases=["dimfix", "comparison grid", "image grid", "labelled grid"],
             display_name="Fix Comparison Grid",
             category=CATEGORY,
             description="Composes up to 8 images (e.g. the Qwen3-4B reference and one image per fix mode, same "

@@ -90,7 +90,7 @@ def child(kind: str, file: Path, layers: int) -> None:
     base = _rss_kb()
     t0 = time.perf_counter()
     if kind == "pack":
-        clip = loader.execute(model_name=file.name, dtype="default", append_eos=False).args[0]
+        clip = loader.execute(model_name=file.name, dtype="default", append_eos=False, analysis_only=True).args[0]
     else:
         clip = comfy.sd.load_clip([str(file)], embedding_directory=folder_paths.get_folder_paths("embeddings"),
                                   clip_type=comfy.sd.CLIPType.LUMINA2,

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dimfix import dit
-from dimfix.analysis import CorpusAnalysis
-from dimfix.compare import outlier_flags, per_token_cosine
+from dimfix.analysis import CorpusAnalysis, analyze_conditioning_pairs
+from dimfix.compare import compare
 from dimfix.config import Thresholds
 from dimfix.fixtable import load_fix_table, save_fix_table
 from dimfix.stats import DimStats
@@ -13,6 +13,21 @@ from dimfix.tokens import (ENDOFTEXT, TEMPLATE_PREFIX_IDS, TEMPLATE_SUFFIX_IDS, 
                            classify_positions, scope_mask)
 
 D = 16
+
+
+def per_token_cosine(a, b, mask=None):
+    """Independent numpy reference: cosine of aligned tokens a[i], b[i] (i < min(T, T2)), masked."""
+    n = min(a.shape[0], b.shape[0])
+    x, y = a[:n].double().numpy(), b[:n].double().numpy()
+    if mask is not None:
+        x, y = x[mask[:n].numpy()], y[mask[:n].numpy()]
+    return torch.from_numpy((x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)))
+
+
+def outlier_flags(a, b):
+    flags = torch.zeros(a.dim, dtype=torch.bool)
+    flags[compare(a, b).outliers] = True
+    return flags
 
 
 def _prompt(gen, n_content, layers=1, dim=D, sink=1e4):
@@ -83,7 +98,7 @@ def test_table_equals_direct_dimstats_on_concatenated_content_tokens(tmp_path):
 def test_scope_all_and_no_sink_tables_cover_those_tokens():
     corpus = _corpus(n_prompts=4)
     for scope in ("all", "no_sink"):
-        table = _run(corpus, scope=scope).finish().fix_table()
+        table = _run(corpus, token_scope=scope).finish().fix_table()
         direct = DimStats(D)
         direct.update(_content_concat(corpus, "ref", scope=scope))
         assert torch.equal(table.reference_std, direct.float32()[1])
@@ -120,7 +135,7 @@ def assert_same_comparison(got, one):
 
 def test_per_prompt_flags_follow_the_compare_ratio_rule():
     from dimfix.analysis import _ratio_flags, _std_tokens
-    from dimfix.compare import std_ratio
+    from dimfix.rules import std_ratio
 
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(3, 9, 40, generator=gen, dtype=torch.float64) * torch.rand(40, generator=gen, dtype=torch.float64)
@@ -293,7 +308,7 @@ def test_bad_shapes_and_labels_are_refused():
     with pytest.raises(ValueError, match="unknown token classes"):
         an.add_prompt(x, x, lab + 7, lab)
     with pytest.raises(ValueError, match="scope"):
-        CorpusAnalysis(D, scope="content_only")
+        CorpusAnalysis(D, token_scope="content_only")
     with pytest.raises(ValueError, match="primary_layers"):
         CorpusAnalysis(D, layers=[0, 1], primary_layers=[5])
 
@@ -312,7 +327,7 @@ def test_bf16_input_is_upcast_and_not_modified():
     assert torch.equal(table.reference_std, direct.float32()[1])
 
 
-def test_fixed_seed_determinism_and_merge():
+def test_fixed_seed_determinism():
     corpus = _corpus(n_prompts=6, layers=2, scale_dims=(1,), once_dims=(6,), seed=7)
     a = _run(corpus, layers=[0, 1], primary_layers=[1], sample_rows=16, seed=3).finish()
     b = _run(corpus, layers=[0, 1], primary_layers=[1], sample_rows=16, seed=3).finish()
@@ -320,17 +335,6 @@ def test_fixed_seed_determinism_and_merge():
     for name, t in ta.tensors().items():
         assert torch.equal(t, tb.tensors()[name]), name
     assert a.report_markdown() == b.report_markdown()
-    # merging two halves equals one run over all prompts
-    first = _run(corpus[:3], layers=[0, 1], primary_layers=[1], sample_rows=16, seed=3)
-    second = _run(corpus[3:], layers=[0, 1], primary_layers=[1], sample_rows=16, seed=3)
-    merged = first.merge(second).finish()
-    assert merged.prompt_count == 6
-    for k in (0, 1):
-        torch.testing.assert_close(merged.result(k).comparison.sigma_tgt, a.result(k).comparison.sigma_tgt,
-                                   rtol=1e-6, atol=0)
-        assert merged.result(k).consistent == a.result(k).consistent
-        assert merged.result(k).prompt_specific == a.result(k).prompt_specific
-        assert merged.result(k).cosine == pytest.approx(a.result(k).cosine, rel=1e-12)
 
 
 def _cap_weights(dim=D, out=8, seed=5):
@@ -363,12 +367,14 @@ def test_dit_aware_ranking_and_caption_space_cosine():
     assert top["influence"] == pytest.approx(top["sensitivity"] * top["sigma_ref"], rel=1e-6)
     cos = []
     for ref, tgt, lab in corpus:
-        _, c = dit.caption_space_cosine(ref[0], tgt[0], gain, weight, bias, 1e-5, mask=scope_mask(lab, "content"))
-        cos.append(c.double())
+        m = scope_mask(lab, "content")
+        f = [torch.nn.functional.linear(torch.nn.functional.rms_norm(x[0][m].double(), (D,), gain.double(), 1e-5),
+                                        weight.double(), bias.double()) for x in (ref, tgt)]
+        cos.append(torch.nn.functional.cosine_similarity(f[0], f[1], dim=-1))
     assert lr.caption_cosine == pytest.approx(float(torch.cat(cos).mean()), abs=1e-6)
     md = res.report_markdown()
     assert "## DiT-aware view" in md and f"| {expected_rank[0]['dim']} |" in md
-    with pytest.raises(ValueError, match="takes 8-dim input"):
+    with pytest.raises(ValueError, match="takes 8-dim caption features"):
         CorpusAnalysis(8 + 1).set_dit(torch.ones(8), torch.ones(4, 8))
 
 
@@ -521,7 +527,7 @@ def test_fixed_reference_sweep_recommends_the_matching_target_layer():
     assert "pairs the same layer (-2) of both encoders" in md and "re-run with target layer -3" in md
 
 
-def test_reference_layer_shapes_types_and_merge_are_checked():
+def test_reference_layer_shapes_and_types_are_checked():
     corpus = _layered_corpus(n_prompts=2)
     ref, tgt, lab = corpus[0]
     an = CorpusAnalysis(D, layers=[-6, -5], reference_layer=-2)
@@ -533,19 +539,6 @@ def test_reference_layer_shapes_types_and_merge_are_checked():
     assert an.prompt_count == 1
     with pytest.raises(TypeError, match="reference_layer must be an int"):
         CorpusAnalysis(D, layers=[-6], reference_layer=True)
-    other = CorpusAnalysis(D, layers=[-6, -5])
-    with pytest.raises(ValueError, match="reference layer"):
-        an.merge(other)
-    a = _pair_run(corpus[:1], -2, [-6, -5])
-    b = _pair_run(corpus[1:], -2, [-6, -5])
-    whole = _pair_run(corpus, -2, [-6, -5]).finish()
-    merged = a.merge(b).finish()
-    assert merged.reference_layer == -2
-    for k in (-6, -5):
-        torch.testing.assert_close(merged.result(k).comparison.sigma_ref, whole.result(k).comparison.sigma_ref,
-                                   rtol=1e-12, atol=0)
-        torch.testing.assert_close(merged.result(k).comparison.sigma_tgt, whole.result(k).comparison.sigma_tgt,
-                                   rtol=1e-12, atol=0)
 
 
 def test_token_class_plot_counts_tokens(monkeypatch):
@@ -562,3 +555,48 @@ def test_token_class_plot_counts_tokens(monkeypatch):
     _run(_corpus(n_prompts=3)).finish().plots()
     assert calls == [("Dimension classes", "dims"), ("Tokens per class", "tokens")]
     assert original is not spy
+
+
+def _cond(*seqs):
+    """A CONDITIONING with one [1, T, D] entry per sequence (float32, all-ones mask)."""
+    return [[s.float().unsqueeze(0), {"pooled_output": None, "attention_mask": torch.ones(1, s.shape[0])}]
+            for s in seqs]
+
+
+def test_conditioning_pairs_equal_the_prompt_by_prompt_analysis():
+    corpus = _corpus(n_prompts=4, scale_dims=(3,))
+    steps = []
+    an = analyze_conditioning_pairs(_cond(*(r[0] for r, _, _ in corpus)), _cond(*(t[0] for _, t, _ in corpus)),
+                                    layer=-6, reference_layer=-2, step=lambda done, total: steps.append((done, total)))
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    direct = CorpusAnalysis(D, layers=[-6], reference_layer=-2)
+    for r, t, lab in corpus:
+        direct.add_prompt(r[0].float(), t[0].float().unsqueeze(0), lab, lab)
+    got, want = an.finish().result(), direct.finish().result()
+    assert (got.layer, got.reference_layer) == (-6, -2)
+    for name in ("sigma_ref", "sigma_tgt", "mean_ref", "mean_tgt"):
+        assert torch.equal(getattr(got.comparison, name), getattr(want.comparison, name)), name
+    assert got.cosine == want.cosine and got.consistent == want.consistent == [3]
+
+
+def test_conditioning_pairs_guess_an_appended_eos_and_split_batches():
+    gen = torch.Generator().manual_seed(4)
+    ref = torch.randn(2, 14, D, generator=gen)
+    tgt = torch.cat([ref * 1.5, torch.randn(2, 1, D, generator=gen) * 50], dim=1)  # one extra trailing token
+    an = analyze_conditioning_pairs([[ref, {}]], [[tgt, {}]])  # one entry, batch 2: two pairs
+    res = an.finish()
+    assert res.prompt_count == 2
+    assert res.class_counts["target"]["appended_eos"] == 2 and res.class_counts["reference"]["appended_eos"] == 0
+    assert res.result().cosine == pytest.approx(1.0, abs=1e-6)  # the EOS is left out of the aligned tokens
+    same = analyze_conditioning_pairs([[ref, {}]], [[ref * 2, {}]]).finish()
+    assert same.class_counts["target"]["appended_eos"] == 0
+
+
+def test_conditioning_pairs_reject_unpaired_or_mixed_widths():
+    a = torch.randn(1, 12, D)
+    with pytest.raises(ValueError, match="Node: 'reference_conditioning' holds 1 sequences but 'target_conditioning' 2"):
+        analyze_conditioning_pairs([[a, {}]], [[a, {}], [a, {}]], node="Node")
+    with pytest.raises(ValueError, match=r"widths differ \(reference 16, target 24"):
+        analyze_conditioning_pairs([[a, {}]], [[torch.randn(1, 12, 24), {}]])
+    with pytest.raises(ValueError, match="target_conditioning"):
+        analyze_conditioning_pairs([[a, {}]], [[torch.full((1, 12, D), float("nan")), {}]])

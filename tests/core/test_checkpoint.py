@@ -339,3 +339,10 @@ def test_quantized_weights_are_refused_naming_the_dtype(tmp_path, tiny):
     q[key.replace(".weight", ".scale_weight")] = torch.ones(())
     with pytest.raises(ck.CheckpointError, match=r"q_proj.weight' is stored as F8_E4M3 .*stock Load CLIP"):
         ck.read_qwen3_checkpoint(save_single_file(q, tmp_path / "fp8.safetensors"))
+
+
+def test_qwen3vl_layout_is_named(tmp_path, tiny):
+    cfg, sd = tiny
+    vl = {"model.language_model." + k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    with pytest.raises(ck.CheckpointError, match="a Qwen3-VL checkpoint .*Hidden Layer Select"):
+        ck.read_qwen3_checkpoint(save_single_file(vl, tmp_path / "vl.safetensors"))

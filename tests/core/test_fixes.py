@@ -44,6 +44,11 @@ def hand_table(**kw) -> FixTable:
     return FixTable(f(REF_MEAN), f(REF_STD), f(TGT_MEAN), f(TGT_STD), **kw)
 
 
+def apply_fix(x, table, mode, *, strength=1.0, scope="all", labels=None, thresholds=None):
+    """What Embedding Dimension Fix does: plan the mode, apply it on the token scope."""
+    return fixes.apply_scoped(x, fixes.plan_fix(table, mode, strength, thresholds), scope, labels)
+
+
 def x_hand() -> torch.Tensor:
     return torch.tensor(X, dtype=torch.float32).unsqueeze(0)
 
@@ -51,7 +56,7 @@ def x_hand() -> torch.Tensor:
 @pytest.mark.parametrize("mode,expected", [("none", X), ("rescale", RESCALED), ("mask", MASKED),
                                            ("clamp", CLAMPED), ("full", FULL)])
 def test_seed_modes_match_hand_computed_origin_formulas(mode, expected):
-    out = fixes.apply_fix(x_hand(), hand_table(), mode)
+    out = apply_fix(x_hand(), hand_table(), mode)
     np.testing.assert_allclose(out[0].numpy(), np.array(expected, dtype=np.float64), rtol=1e-5, atol=1e-5)
 
 
@@ -71,21 +76,21 @@ def test_legacy_mask_uses_the_origin_absolute_dead_rule():
     assert bool(fixes.classify_dims(t).target_only_dead[7])  # the analysis' (scale-free) rule
     x = torch.tensor([[[1.0] * 7 + [0.01]]])
     for mode in ("rescale", "mask", "clamp"):
-        out = fixes.apply_fix(x, t, mode)
+        out = apply_fix(x, t, mode)
         assert float(out[0, 0, 7]) == pytest.approx(0.01 * 20.0 / 0.015, rel=1e-6), mode
         assert torch.equal(out[0, 0, :7], x[0, 0, :7])
     # σ_tgt below the absolute threshold: zeroed by mask
     t = FixTable(t.reference_mean, t.reference_std, t.target_mean, torch.tensor([20.0] * 7 + [0.005]))
-    assert float(fixes.apply_fix(x, t, "mask")[0, 0, 7]) == 0.0
-    assert float(fixes.apply_fix(x, t, "mask_mean")[0, 0, 7]) == 3.0
+    assert float(apply_fix(x, t, "mask")[0, 0, 7]) == 0.0
+    assert float(apply_fix(x, t, "mask_mean")[0, 0, 7]) == 3.0
 
 
 def test_legacy_guards_tiny_reference_and_target_std():
     # σ_ref < 1e-6 -> ratio denominator 1 (σ_tgt = 2 is then not an outlier); σ_tgt ≤ 1e-6 -> dim skipped.
     t = FixTable(torch.zeros(4), torch.tensor([0.0, 1, 1, 1]), torch.zeros(4), torch.tensor([2.0, 1e-7, 1, 1]))
     x = torch.tensor([[[3.0, 4.0, 5.0, 6.0]]])
-    assert torch.equal(fixes.apply_fix(x, t, "rescale"), x)
-    full = fixes.apply_fix(x, t, "full")
+    assert torch.equal(apply_fix(x, t, "rescale"), x)
+    full = apply_fix(x, t, "full")
     # dim 0: (3 - 0)/2·0 + 0 = 0; dim 1 skipped; dims 2, 3 identity moments.
     assert full[0, 0].tolist() == [0.0, 4.0, 5.0, 6.0]
 
@@ -114,7 +119,7 @@ def synthetic(seed=0, d=64, n=4000):
 def test_full_and_affine_match_reference_std_profile(mode):
     table, x, ref_mean, ref_std = synthetic()
     before = np.corrcoef(x[0].double().numpy().std(0, ddof=1), ref_std)[0, 1]
-    out = fixes.apply_fix(x, table, mode)[0].double().numpy()
+    out = apply_fix(x, table, mode)[0].double().numpy()
     std = out.std(0, ddof=1)
     assert np.corrcoef(std, ref_std)[0, 1] > 0.99 > before
     np.testing.assert_allclose(std, ref_std, rtol=1e-3)
@@ -124,7 +129,7 @@ def test_full_and_affine_match_reference_std_profile(mode):
 def test_affine_partial_strength_interpolates_geometrically():
     table, x, ref_mean, ref_std = synthetic(seed=1, d=16, n=500)
     lam = 0.3
-    out = fixes.apply_fix(x, table, "affine", strength=lam)[0].double().numpy()
+    out = apply_fix(x, table, "affine", strength=lam)[0].double().numpy()
     s_t, m_t = table.target_std.double().numpy(), table.target_mean.double().numpy()
     np.testing.assert_allclose(out.std(0, ddof=1), s_t ** (1 - lam) * ref_std ** lam, rtol=1e-4)
     np.testing.assert_allclose(out.mean(0), m_t + lam * (ref_mean - m_t), atol=1e-3 * ref_std.max())
@@ -134,14 +139,14 @@ def test_affine_degenerate_target_dims_never_nan():
     t = FixTable(torch.tensor([1.0, 2, 3]), torch.tensor([1.0, 0, 5]), torch.tensor([0.0, 0, 0]),
                  torch.tensor([0.0, 0, 1e-9]))
     x = torch.tensor([[[0.0, 0.0, 0.0], [1e-3, 0.0, 2e-9]]])
-    out = fixes.apply_fix(x, t, "affine")
+    out = apply_fix(x, t, "affine")
     assert torch.isfinite(out).all()
     # degenerate dims (σ_tgt ≤ eps_rel·σ_ref) only move their mean to μ_ref: x - μ_tgt + μ_ref.
     np.testing.assert_allclose(out[0].numpy(), (x[0] + torch.tensor([1.0, 2, 3])).numpy(), rtol=1e-6)
 
 
 def test_mask_mean_uses_reference_mean():
-    out = fixes.apply_fix(x_hand(), hand_table(), "mask_mean")[0]
+    out = apply_fix(x_hand(), hand_table(), "mask_mean")[0]
     for d in (0, 1, 2, 6):  # outliers (two-sided) and the target-only dead dim
         assert torch.all(out[:, d] == REF_MEAN[d])
     assert torch.equal(out[:, [3, 4, 5, 7]], x_hand()[0][:, [3, 4, 5, 7]])
@@ -181,9 +186,9 @@ def test_clamp_pct_falls_back_to_mean_k_sigma_and_says_so(caplog):
 def test_strength_zero_is_identity_and_input_untouched(mode):
     x = x_hand()
     keep = x.clone()
-    out = fixes.apply_fix(x, hand_table(), mode, strength=0.0)
+    out = apply_fix(x, hand_table(), mode, strength=0.0)
     assert torch.equal(out, x) and out is not x
-    full = fixes.apply_fix(x, hand_table(), mode)
+    full = apply_fix(x, hand_table(), mode)
     assert torch.equal(x, keep)
     assert full.data_ptr() != x.data_ptr()
 
@@ -191,8 +196,8 @@ def test_strength_zero_is_identity_and_input_untouched(mode):
 @pytest.mark.parametrize("mode", ["rescale", "clamp", "mask_mean", "full"])
 def test_partial_strength_interpolates_legacy_modes(mode):
     x = x_hand()
-    full = fixes.apply_fix(x, hand_table(), mode)
-    half = fixes.apply_fix(x, hand_table(), mode, strength=0.25)
+    full = apply_fix(x, hand_table(), mode)
+    half = apply_fix(x, hand_table(), mode, strength=0.25)
     torch.testing.assert_close(half, 0.75 * x + 0.25 * full, rtol=1e-5, atol=1e-5)
 
 
@@ -208,27 +213,27 @@ def test_content_scope_leaves_sink_and_template_bit_identical():
     t = 14
     x = torch.randn(2, t, 8) * 7
     labels = tokens.classify_positions(t)
-    out = fixes.apply_fix(x, hand_table(), "full", scope="content")
+    out = apply_fix(x, hand_table(), "full", scope="content")
     content = labels == int(tokens.TokenClass.CONTENT)
     assert torch.equal(out[:, ~content], x[:, ~content])
-    torch.testing.assert_close(out[:, content], fixes.apply_fix(x, hand_table(), "full")[:, content])
-    nosink = fixes.apply_fix(x, hand_table(), "full", scope="no_sink")
+    torch.testing.assert_close(out[:, content], apply_fix(x, hand_table(), "full")[:, content])
+    nosink = apply_fix(x, hand_table(), "full", scope="no_sink")
     assert torch.equal(nosink[:, 0], x[:, 0]) and not torch.equal(nosink[:, 1], x[:, 1])
     # explicit labels: an appended EOS is also left alone
     lab = labels.clone()
     lab[-1] = int(tokens.TokenClass.APPENDED_EOS)
-    assert torch.equal(fixes.apply_fix(x, hand_table(), "full", scope="no_sink", labels=lab)[:, -1], x[:, -1])
+    assert torch.equal(apply_fix(x, hand_table(), "full", scope="no_sink", labels=lab)[:, -1], x[:, -1])
     with pytest.raises(ValueError, match="token scope"):
-        fixes.apply_fix(x, hand_table(), "full", scope="prompt")
+        apply_fix(x, hand_table(), "full", scope="prompt")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_in_same_dtype_out_computed_in_fp32(dtype):
     x = x_hand().to(dtype)
     for mode in ("full", "clamp", "affine"):
-        out = fixes.apply_fix(x, hand_table(), mode)
+        out = apply_fix(x, hand_table(), mode)
         assert out.dtype == dtype
-        expected = fixes.apply_fix(x.float(), hand_table(), mode).to(dtype)
+        expected = apply_fix(x.float(), hand_table(), mode).to(dtype)
         assert torch.equal(out, expected)
     # random values: fp32-then-cast differs from arithmetic done in half precision
     xr = (torch.randn(1, 64, 8, generator=torch.Generator().manual_seed(0)) * 30).to(dtype)
@@ -239,12 +244,12 @@ def test_half_precision_in_same_dtype_out_computed_in_fp32(dtype):
 
 
 def test_width_mismatch_names_both_widths():
-    with pytest.raises(ValueError, match="embedding width 9 does not match the fix table .* width 8"):
-        fixes.apply_fix(torch.zeros(1, 3, 9), hand_table(), "full")
+    with pytest.raises(ValueError, match="embedding width 9 does not match the fix plan's width 8"):
+        apply_fix(torch.zeros(1, 3, 9), hand_table(), "full")
 
 
 @pytest.mark.parametrize("n_dims,n_bounded", [(0, 3), (0, 20), (2, 0), (2, 3), (2, 20), (60, 0), (60, 3), (60, 20)])
-def test_every_apply_path_equals_naive_formula(n_dims, n_bounded):
+def test_apply_equals_naive_formula(n_dims, n_bounded):
     g = torch.Generator().manual_seed(n_dims * 100 + n_bounded)
     d = 64
     scale, shift = torch.ones(d), torch.zeros(d)
@@ -266,9 +271,9 @@ def test_every_apply_path_equals_naive_formula(n_dims, n_bounded):
 
 
 @pytest.mark.parametrize("pattern", ["prefix_suffix", "mostly_excluded", "alternating", "none", "all", "2d"])
-def test_token_masks_on_every_path_equal_a_where(pattern):
-    """Runs (few contiguous spans: slice copies), many runs (index copies) and 2-D masks give what a plain
-    ``where(mask, fixed, x)`` gives; the Z-Image scope shortcut equals the explicit mask."""
+def test_token_masks_equal_a_where(pattern):
+    """1-D masks (index copies of the excluded tokens) and 2-D masks give what a plain
+    ``where(mask, fixed, x)`` gives; a token scope equals its explicit mask."""
     g = torch.Generator().manual_seed(len(pattern))
     t = 40
     m = torch.ones(t, dtype=torch.bool)
@@ -288,8 +293,6 @@ def test_token_masks_on_every_path_equal_a_where(pattern):
     x = torch.randn(2, t, 8, generator=g) * 5
     plan = fixes.plan_fix(hand_table(), "clamp")
     expected = torch.where(m.unsqueeze(-1), fixes.apply_plan(x, plan), x)
-    if pattern == "alternating":
-        assert fixes._token_runs(m) is None  # more runs than the slice path takes
     snap = x.clone()
     assert torch.equal(fixes.apply_plan(x, plan, m), expected) and torch.equal(x, snap)
     for scope in ("content", "no_sink"):
@@ -311,7 +314,7 @@ def test_real_reference_two_sided_outliers(reference_stats_npz):
     assert torch.nonzero(flags.reference_hyper).flatten().tolist() == [0, 4, 9, 19, 56, 100, 342, 396]
     rng = np.random.default_rng(0)
     x = torch.tensor(rng.normal(ref_mean, tgt_std, (300, 2560)), dtype=torch.float32).unsqueeze(0)
-    out = fixes.apply_fix(x, table, "affine")[0].double().numpy()
+    out = apply_fix(x, table, "affine")[0].double().numpy()
     ratio = out.std(0, ddof=1)[[4, 396]] / ref_std[[4, 396]]
     assert np.all(np.abs(ratio - 1) < 0.2)
 
@@ -319,16 +322,13 @@ def test_real_reference_two_sided_outliers(reference_stats_npz):
 def test_fix_follows_table_changes_and_works_on_inference_tensors():
     t = hand_table()
     x = x_hand()
-    first = fixes.apply_fix(x, t, "full")
-    assert fixes.cached_plan(t, "full") is fixes.cached_plan(t, "full")
-    assert fixes.cached_plan(t, "full") is not fixes.cached_plan(t, "full", strength=0.5)
-    assert fixes.cached_plan(hand_table(), "full") is not fixes.cached_plan(t, "full")
+    first = apply_fix(x, t, "full")
     t.target_std = t.target_std * 2  # a replaced tensor is a new table value
-    torch.testing.assert_close(fixes.apply_fix(x, t, "full"), fixes.apply_plan(x, fixes.plan_fix(t, "full")))
-    assert not torch.equal(fixes.apply_fix(x, t, "full"), first)
+    torch.testing.assert_close(apply_fix(x, t, "full"), fixes.apply_plan(x, fixes.plan_fix(t, "full")))
+    assert not torch.equal(apply_fix(x, t, "full"), first)
     with torch.inference_mode():  # ComfyUI executes nodes under inference mode
         t2 = hand_table()
-        torch.testing.assert_close(fixes.apply_fix(x_hand(), t2, "full"), first)
+        torch.testing.assert_close(apply_fix(x_hand(), t2, "full"), first)
 
 
 def test_plan_to_device_keeps_values():

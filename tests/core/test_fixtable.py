@@ -187,17 +187,6 @@ def test_missing_directory_is_reported(tmp_path):
         save_fix_table(make_table(), tmp_path / "nope" / "t.safetensors")
 
 
-def test_model_fingerprint(tmp_path):
-    import hashlib
-
-    f = tmp_path / "model.safetensors"
-    f.write_bytes(b"weights")
-    assert fixtable.model_fingerprint(f, "Qwen3-4B") == "Qwen3-4B@sha256:" + hashlib.sha256(b"weights").hexdigest()[:12]
-    (tmp_path / "shards").mkdir()
-    (tmp_path / "shards" / "model.safetensors.index.json").write_text("{}")
-    assert fixtable.model_fingerprint(tmp_path / "shards").startswith(
-        "shards@sha256:" + hashlib.sha256(b"{}").hexdigest()[:12])
-
 
 def test_reference_layer_round_trip_and_default():
     assert FixTableMeta().reference_layer == -2
@@ -227,6 +216,17 @@ def test_older_table_without_reference_layer_reads_it_as_layer(tmp_path):
     assert (old.meta.layer, old.meta.reference_layer) == (-6, -6)
     write_raw(tmp_path / "sweep.safetensors", base, {"format": fixtable.FORMAT, "version": "1", "layer": "sweep"})
     assert load_fix_table(tmp_path / "sweep.safetensors").meta.reference_layer == "sweep"
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_older_metadata_names_are_read_as_their_one_name(tmp_path, version):
+    base = {n: torch.ones(D) for n in fixtable.REQUIRED_TENSORS}
+    old_thresholds = json.dumps({"outlier_ratio": 4.0, "hyper_multiplier": 7.5, "dead_threshold": 0.02})
+    write_raw(tmp_path / "old.safetensors", base, {"format": fixtable.FORMAT, "version": version, "layer": "-2",
+                                                   "scope": "no_sink", "thresholds": old_thresholds})
+    meta = load_fix_table(tmp_path / "old.safetensors").meta
+    assert meta.token_scope == "no_sink"
+    assert (meta.thresholds.outlier_ratio, meta.thresholds.hyper_mult, meta.thresholds.dead_abs) == (4.0, 7.5, 0.02)
 
 
 @pytest.mark.parametrize("bad", ["last", True, 2.5, "sweep"])

@@ -39,7 +39,6 @@ def test_web_directory_is_declared_and_holds_the_docs():
     values = [n.value.value for n in tree.body if isinstance(n, ast.Assign)
               and any(isinstance(t, ast.Name) and t.id == "WEB_DIRECTORY" for t in n.targets)]
     assert values and (ROOT / values[0] / "docs").resolve() == DOCS.resolve()
-    assert not list((ROOT / values[0]).rglob("*.js")), "a .js file here would be loaded into every page"
 
 
 @pytest.mark.parametrize("node", PACK_NODES)
@@ -82,4 +81,4 @@ def test_zh_locale_names_every_input_and_output(node):
     for entry in defs["outputs"].values():
         assert entry["name"] and CJK.search(entry["tooltip"])
     unknown = set(defs["inputs"]) - {i["name"] for i in spec["inputs"]}
-    assert unknown <= {"hyper_multiplier", "hyper_mult"}, unknown  # an announced rename may land either way
+    assert not unknown, f"stale zh entries (renamed inputs?): {sorted(unknown)}"

@@ -146,12 +146,6 @@ def test_layer_heatmap_pooling_keeps_a_massive_dim_visible():
     assert yellow(b) > yellow(a) + 4 * 20  # a column at least ~1 px wide over the image height
 
 
-def test_token_cosine_bars():
-    _check(plots.token_cosine_bars([0.98, 0.5, float("nan")], ["a", "b" * 60, "c"]))
-    _check(plots.token_cosine_bars([], []))
-    with pytest.raises(ValueError, match="2 values but 1 labels"):
-        plots.token_cosine_bars([0.1, 0.2], ["a"])
-
 
 def test_tau_validation():
     with pytest.raises(ValueError, match="tau"):

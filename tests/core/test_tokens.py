@@ -35,3 +35,11 @@ def test_scope_mask():
         assert "bogus" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_classify_ids_vl_think_block_is_template():
+    # ComfyUI's Qwen3-VL tokenizer: the Z-Image template plus an empty think block "<think>\n\n</think>\n\n"
+    ids = [151644, 872, 198, 64, 8251, 151645, 198, 151644, 77091, 198, 151667, 271, 151668, 271]
+    assert tokens.classify_ids(ids).tolist() == [0, 1, 1, 2, 2] + [1] * 9
+    # "\n\n" (271) inside a prompt stays content
+    assert tokens.classify_ids([151644, 872, 198, 271, 151645, 198, 151644, 77091, 198]).tolist()[3] == 2

@@ -30,7 +30,7 @@ EXPECTED_WIDGET_COUNTS = {
     "UNETLoader": 2, "ModelSamplingAuraFlow": 1, "CLIPLoader": 3, "VAELoader": 1, "CLIPTextEncode": 1,
     "ConditioningZeroOut": 0, "EmptySD3LatentImage": 3, "KSampler": 7, "VAEDecode": 0, "SaveImage": 1,
     "PreviewAny": 0, "PrimitiveInt": 2, "PrimitiveStringMultiline": 1, "MarkdownNote": 1, "Note": 1,
-    "DimFixQwen3EmbeddingLoader": 3, "DimFixHiddenLayerSelect": 1, "DimFixDimensionAnalyzer": 10,
+    "DimFixQwen3EmbeddingLoader": 4, "DimFixHiddenLayerSelect": 1, "DimFixDimensionAnalyzer": 10,
     "DimFixEmbeddingDimensionFix": 7, "DimFixEmbeddingBlend": 5, "DimFixComparisonGrid": 5,
 }
 

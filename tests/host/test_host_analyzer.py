@@ -13,6 +13,7 @@ from zdf_testkit import tiny_zimage as tz
 NODE_ID = "DimFixDimensionAnalyzer"
 HIDDEN = 64
 N_LAYERS = 4
+ALL_STATES = list(range(N_LAYERS + 1))
 PROMPTS = ["a red fox in the snow", "an old lighthouse at dusk, oil painting", "macro photo of a dew drop",
            "a busy street market in the rain"]
 
@@ -125,8 +126,8 @@ def test_schema(node, pack):
     for o in s.outputs:
         assert o.tooltip, o.display_name
     ids = [i.id for i in s.inputs]
-    for name in ("reference", "target", "prompts", "layer", "reference_layer", "sweep_all_layers", "outlier_ratio", "dead_threshold",
-                 "hyper_multiplier", "token_scope", "model", "reference_conditioning", "target_conditioning",
+    for name in ("reference", "target", "prompts", "layer", "reference_layer", "sweep_all_layers", "outlier_ratio", "dead_abs",
+                 "hyper_mult", "token_scope", "model", "reference_conditioning", "target_conditioning",
                  "save_name", "overwrite"):
         assert name in ids
     prompts = next(i for i in s.inputs if i.id == "prompts")
@@ -162,21 +163,21 @@ def test_table_equals_core_stats_on_stock_conditioning(node, pack, clips, captur
     assert res.comparison.outliers == comp.outliers and res.comparison.std_pearson == comp.std_pearson
     assert "| outlier dims |" in report and "## Most different dimensions" in report
     assert images.ndim == 4 and images.shape[0] == 5 and images.shape[-1] == 3
-    assert out.ui is not None
+    assert out.ui["text"] == [report] and len(out.ui["images"]) == 5 and out.ui["images"][0]["type"] == "temp"
     # the CLIP's layer options were restored: stock encoding still gives HF -2
     assert ref_clip.cond_stage_model.qwen3_4b.layer == "hidden"
     assert ref_clip.cond_stage_model.qwen3_4b.layer_idx == -2
 
 
 def test_encode_hidden_all_layers_match_stock_layers(pack, clips):
-    analyzer = importlib.import_module(pack.name + ".nodes.analyzer")
+    analyzer = importlib.import_module(pack.name + ".nodes.comfy_access")
     ref_clip, _ = clips
-    hidden, ids = analyzer.encode_hidden(ref_clip, PROMPTS[1], "all", "reference")
+    hidden, ids = analyzer.encode_layers(ref_clip, PROMPTS[1], ALL_STATES, "reference", "test")
     assert hidden.shape[0] == N_LAYERS + 1
     cond, stock_ids = stock_cond(ref_clip, PROMPTS[1])
     assert ids == stock_ids
     assert torch.equal(hidden[-2], cond)
-    one, _ = analyzer.encode_hidden(ref_clip, PROMPTS[1], [1], "reference")
+    one, _ = analyzer.encode_layers(ref_clip, PROMPTS[1], [1], "reference", "test")
     assert torch.equal(one[0], hidden[1])
     # CLIPSetLastLayer(-3) on a clone == HF -3
     c = ref_clip.clone()
@@ -187,13 +188,13 @@ def test_encode_hidden_all_layers_match_stock_layers(pack, clips):
 def test_all_layers_match_transformers_and_table_equals_core_stats_on_them(node, pack, clips, fast_plots):
     """The hidden states the analyzer feeds equal an independent transformers Qwen3Model, and the table equals
     the core statistics computed directly on the transformers hidden states."""
-    analyzer = importlib.import_module(pack.name + ".nodes.analyzer")
+    analyzer = importlib.import_module(pack.name + ".nodes.comfy_access")
     core = pack.core
     per_side = {"reference": [], "target": []}
     for side, clip in zip(("reference", "target"), clips):
         hf = tq.hf_model(*tiny_weights(side))
         for p in PROMPTS:
-            hidden, ids = analyzer.encode_hidden(clip, p, "all", side)
+            hidden, ids = analyzer.encode_layers(clip, p, ALL_STATES, side, "test")
             expected = torch.cat(tq.run_hidden_states(hf, ids))  # [L + 1, T, D]
             torch.testing.assert_close(hidden, expected, rtol=1e-4, atol=1e-4)
             per_side[side].append((expected[-3], ids))
@@ -422,7 +423,7 @@ def test_target_from_pack_loader_with_appended_eos(node, pack, comfy, clips, cap
     comfy.folder_paths.filename_list_cache.clear()
     loader = pack.nodes["DimFixQwen3EmbeddingLoader"]
     with torch.inference_mode():
-        emb = loader.execute(model_name="zdf_analyzer_emb", dtype="fp32", append_eos=True).args[0]
+        emb = loader.execute(model_name="zdf_analyzer_emb", dtype="fp32", append_eos=True, analysis_only=True).args[0]
     ref_clip, tgt_clip = clips
     with_eos = run(node, reference=ref_clip, target=emb).args[0]
     res = capture[-1]

@@ -85,7 +85,7 @@ def test_fix_node_equals_core_on_every_entry(pack, nodes, mode, scope):
     assert_untouched(cond, snap)
     assert out is not cond and len(out) == 3
     for (t, m), (t0, m0) in zip(out, cond):
-        expected = core.fixes.apply_fix(t0, table, mode, strength=0.7, scope=scope)
+        expected = core.fixes.apply_scoped(t0, core.fixes.plan_fix(table, mode, 0.7), scope)
         assert torch.equal(t, expected)
         assert not torch.equal(t, t0)
         assert m is not m0 and m["pooled_output"] is m0["pooled_output"]
@@ -101,7 +101,7 @@ def test_fix_node_threshold_override_and_bf16(pack, nodes):
                            fix_table=table, outlier_ratio=10.0).args[0]
     th = core.config.Thresholds(outlier_ratio=10.0)
     assert out[0][0].dtype == torch.bfloat16
-    assert torch.equal(out[0][0], core.fixes.apply_fix(cond[0][0], table, "rescale", thresholds=th))
+    assert torch.equal(out[0][0], core.fixes.apply_scoped(cond[0][0], core.fixes.plan_fix(table, "rescale", thresholds=th)))
     with pytest.raises(ValueError, match="outlier_ratio must be > 1"):
         nodes[0].execute(conditioning=cond, mode="rescale", strength=1.0, token_scope="all", fix_table=table,
                          outlier_ratio=0.5)
@@ -142,7 +142,7 @@ def test_fix_node_saved_table_file_and_provenance_warning(pack, comfy, nodes, ca
     with caplog.at_level(logging.WARNING):
         out = nodes[0].execute(conditioning=cond, mode="full", strength=1.0, token_scope="all",
                                table_file=name).args[0]
-    assert torch.equal(out[0][0], core.fixes.apply_fix(cond[0][0], table, "full"))
+    assert torch.equal(out[0][0], core.fixes.apply_scoped(cond[0][0], core.fixes.plan_fix(table, "full")))
     assert "cover 'content' tokens" in caplog.text and "layer -2" in caplog.text
     assert nodes[0].fingerprint_inputs(table_file=name) != nodes[0].fingerprint_inputs(table_file="none")
 

@@ -36,7 +36,7 @@ def emb(comfy):
 
 
 def load(pack, name, dtype="fp32", append_eos=False):
-    return pack.nodes[LOADER_ID].execute(model_name=name, dtype=dtype, append_eos=append_eos).args[0]
+    return pack.nodes[LOADER_ID].execute(model_name=name, dtype=dtype, append_eos=append_eos, analysis_only=True).args[0]
 
 
 def encode(comfy, clip, text):
@@ -215,10 +215,11 @@ def test_fingerprint_inputs(comfy, pack, emb):
     assert a.split("|")[0] == pack.core.checkpoint.fingerprint_path(comfy.models / "text_encoders" / EMB_DIR)
 
 
-def test_width_warning(comfy, pack, emb, caplog):
-    with caplog.at_level("WARNING"):
-        load(pack, EMB_FILE)
-    assert any("Z-Image needs 2560" in r.getMessage() and "width 64" in r.getMessage() for r in caplog.records)
+def test_width_other_than_zimage_needs_analysis_only(comfy, pack, emb):
+    node = pack.nodes[LOADER_ID]
+    with pytest.raises(ValueError, match=f"{EMB_FILE} has width 64, but Z-Image reads 2560-wide.*analysis_only"):
+        node.execute(model_name=EMB_FILE, dtype="default", append_eos=False)
+    assert node.execute(model_name=EMB_FILE, analysis_only=True).args[0] is not None
 
 
 def _bad_inputs(te: Path, cfg, sd):
@@ -230,6 +231,14 @@ def _bad_inputs(te: Path, cfg, sd):
     folder = tq.save_hf_folder(sd, cfg, te / "zdf_bad_shard", shards=2)
     (folder / "model-00002-of-00002.safetensors").unlink()
     bad["zdf_bad_shard"] = "model-00002-of-00002.safetensors.*missing"
+    nan = {k: v.clone() for k, v in sd.items()}
+    nan["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")  # loads and encodes "fine" in stock ComfyUI
+    tq.save_single_file(nan, te / "zdf_bad_nan.safetensors")
+    bad["zdf_bad_nan.safetensors"] = "'model.layers.0.mlp.down_proj.weight' has 1 NaN/Inf values"
+    folder = tq.save_hf_folder(sd, cfg, te / "zdf_bad_escape", shards=2)
+    index = folder / "model.safetensors.index.json"
+    index.write_text(index.read_text().replace("model-00002-of-00002.safetensors", "../zdf_bad_nan.safetensors"))
+    bad["zdf_bad_escape"] = "outside the model folder"
     p = tq.save_single_file(sd, te / "zdf_bad_trunc.safetensors")
     p.write_bytes(p.read_bytes()[:-5000])
     bad["zdf_bad_trunc.safetensors"] = "truncated"
@@ -261,10 +270,10 @@ def test_bad_inputs(comfy, pack, emb):
         assert msg.startswith("Qwen3 Embedding Loader: ") and name in msg, msg
         assert e.value.__cause__ is None and e.value.__suppress_context__
         assert isinstance(node.fingerprint_inputs(model_name=name), str)
-    # Pickle files and pickle-only folders never appear in the combo; chosen by name they are refused unread.
+    # Pickle files and pickle-only folders are listed (a user reaches the message); chosen, they are refused unread.
     for name in ("zdf_bad_pickle.bin", "zdf_bad_picklefolder"):
-        assert name not in options
-        with pytest.raises(ValueError, match="arbitrary code") as e:
+        assert name in options
+        with pytest.raises(ValueError, match="arbitrary code.*safetensors") as e:
             node.execute(model_name=name)
         assert name in str(e.value)
     with pytest.raises(ValueError, match="not found"):

@@ -48,7 +48,8 @@ def run_node(node, **inputs):
 def load_substitute(comfy, pack, tiny):
     """The substitute encoder (HF folder, flat keys, vocab 151665) through the pack's Qwen3 Embedding Loader."""
     loader = pack.nodes[LOADER_ID]
-    return run_node(loader, model_name=tiny.names["substitute"], dtype="default", append_eos=False).args[0]
+    return run_node(loader, model_name=tiny.names["substitute"], dtype="default", append_eos=False,
+                    analysis_only=True).args[0]
 
 
 @pytest.fixture(scope="module")

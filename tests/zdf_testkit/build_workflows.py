@@ -40,7 +40,8 @@ SEED = 42
 STEPS, CFG, SAMPLER, SCHEDULER = 4, 1.0, "res_multistep", "simple"  # the ComfyUI 0.8 Z-Image Turbo template
 SHIFT = 3.0
 SIZE = 1024
-SEED_MODES = ("none", "rescale", "mask", "clamp", "full")
+#: The original research's fix modes.
+ORIGIN_MODES = ("none", "rescale", "mask", "clamp", "full")
 BEST_MODE = "affine"
 NODE_IDS = {"loader": "DimFixQwen3EmbeddingLoader", "layers": "DimFixHiddenLayerSelect",
             "analyzer": "DimFixDimensionAnalyzer", "fix": "DimFixEmbeddingDimensionFix",
@@ -127,7 +128,7 @@ def substitute_clip(g: Graph, pos):
 
 
 #: Widget values of the Qwen3 Embedding Loader in the bundled workflows.
-LOADER_WIDGETS = {"model_name": SUBSTITUTE, "dtype": "default", "append_eos": False}
+LOADER_WIDGETS = {"model_name": SUBSTITUTE, "dtype": "default", "append_eos": False, "analysis_only": False}
 
 
 def vae_loader(g: Graph, pos):
@@ -190,7 +191,7 @@ def common_front(g: Graph, col: Column, dit: dict = DIT):
 # ------------------------------------------------------------------------------------------ workflows
 def fix_comparison_grid(specs: dict) -> Graph:
     g = new_graph(specs, "6a0d3c51-7c1e-4e52-9d33-2f7d0a9b1c01")
-    modes = [*SEED_MODES, BEST_MODE]
+    modes = [*ORIGIN_MODES, BEST_MODE]
     note(g, "# Fix comparison grid\n\nOne prompt, one seed: the image from the stock Qwen3-4B encoder (the "
             f"reference) and one image per fix mode of the substitute encoder ({SUBSTITUTE}), composed into a "
             "labelled grid.\n\n**Fix table.** The Dimension Analyzer measures reference vs substitute over the "
@@ -232,7 +233,7 @@ def fix_comparison_grid(specs: dict) -> Graph:
 
 #: Dimension Analyzer widgets in the bundled workflows ("" prompts = the pack's calibration corpus).
 ANALYZER_WIDGETS = {"prompts": "", "layer": -2, "reference_layer": -2, "sweep_all_layers": False,
-                    "outlier_ratio": 3.0, "dead_threshold": 0.01, "hyper_multiplier": 5.0, "token_scope": "content",
+                    "outlier_ratio": 3.0, "dead_abs": 0.01, "hyper_mult": 5.0, "token_scope": "content",
                     "save_name": "", "overwrite": False}
 #: Embedding Dimension Fix widgets (the mode is set per node; 0 = the table's thresholds).
 FIX_WIDGETS = {"mode": BEST_MODE, "strength": 1.0, "token_scope": "content", "table_file": "none",

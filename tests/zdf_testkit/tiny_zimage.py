@@ -37,7 +37,7 @@ __all__ = [
     "make_tiny_dit_state_dict", "tiny_dit_config", "make_tiny_taesd16_state_dict",
     "TinyDetectionPatch", "install_tiny_detection_patch", "tiny_qwen3_config_from_state_dict",
     "write_tiny_models", "zimage_cap_embedder", "save_safetensors", "install_test_patch_node",
-    "PATCH_NODE_DIR",
+    "PATCH_NODE_DIR", "tiny_qwen3vl_state_dict", "tiny_qwen3vl_config_from_state_dict",
 ]
 
 DIT_DIM = 256
@@ -232,6 +232,34 @@ def tiny_qwen3_config_from_state_dict(sd: dict) -> dict | None:
             "vocab_size": int(sd["model.embed_tokens.weight"].shape[0])}
 
 
+#: Vision-tower tensors ComfyUI (0.26+) detects a Qwen3-VL checkpoint by, with their shapes for the 8B tower
+#: (``hidden`` = the language model's width): DeepStack merger norm (4 × 1152) and the merger's output Linear.
+VL_MERGE_DIM = 4 * 1152
+
+
+def tiny_qwen3vl_state_dict(text_sd: dict) -> dict:
+    """A Qwen3-VL checkpoint layout around a tiny Qwen3 text model (``model.`` keys): the language model under
+    ``model.language_model.`` plus the two vision tensors detection reads (the rest of the tower is absent)."""
+    out = {"model.language_model." + k[len("model."):]: v for k, v in text_sd.items() if k.startswith("model.")}
+    hidden = text_sd["model.norm.weight"].shape[0]
+    out["model.visual.deepstack_merger_list.0.norm.weight"] = torch.ones(VL_MERGE_DIM)
+    out["model.visual.merger.linear_fc2.weight"] = torch.zeros(hidden, VL_MERGE_DIM)
+    return out
+
+
+def tiny_qwen3vl_config_from_state_dict(sd: dict) -> tuple[str, dict] | None:
+    """``(model_options key, overrides)`` for a tiny Qwen3-VL checkpoint, or None when ``sd`` is not one."""
+    if "model.visual.deepstack_merger_list.0.norm.weight" not in sd:
+        return None
+    text = {"model." + k[len("model.language_model."):]: v for k, v in sd.items()
+            if k.startswith("model.language_model.")}
+    cfg = tiny_qwen3_config_from_state_dict(text)
+    if cfg is None:
+        return None
+    wide = sd["model.visual.merger.linear_fc2.weight"].shape[0] == 2560
+    return ("qwen3vl_4b_model_config" if wide else "qwen3vl_8b_model_config"), cfg
+
+
 @dataclass
 class TinyDetectionPatch:
     """Handle of an installed detection patch; ``uninstall()`` (or leaving the ``with`` block) restores ComfyUI."""
@@ -314,6 +342,9 @@ def install_tiny_detection_patch(comfy_modules: Any = None, text_encoders: bool 
                 if cfg is not None:
                     model_options["qwen3_4b_model_config"] = {**cfg, **model_options.get("qwen3_4b_model_config",
                                                                                          {})}
+                vl = tiny_qwen3vl_config_from_state_dict(state_dicts[0])
+                if vl is not None:  # hosts that detect Qwen3-VL (0.26+) build it at stock size otherwise
+                    model_options[vl[0]] = {**vl[1], **model_options.get(vl[0], {})}
             if clip_type is None:
                 clip_type = sd_mod.CLIPType.STABLE_DIFFUSION
             # **kw: arguments newer hosts added (e.g. disable_dynamic, 0.16) pass through unchanged
