@@ -298,7 +298,8 @@ let s = document.getElementById('zdf-hide');
 if (!s) { s = document.createElement('style'); s.id = 'zdf-hide'; document.head.appendChild(s); }
 s.textContent = arguments[0] ? `.side-tool-bar-container, .comfyui-menu, .workflow-tabs-container, .comfyui-body-top,
   .actionbar, .p-toast, .graph-canvas-menu, .minimap-main-container, [class*="minimap"], [class*="sidebar"],
-  [class*="topbar"], [class*="TopMenu"], .p-panel, .comfy-vue-node-search-container {display: none !important}` : '';
+  [class*="topbar"], [class*="TopMenu"], .p-panel, .comfy-vue-node-search-container, .subgraph-breadcrumb,
+  [class*="breadcrumb"] {display: none !important}` : '';
 """
 
 
