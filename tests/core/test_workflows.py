@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from zdf_testkit.build_workflows import UI_NAMES
@@ -360,3 +361,21 @@ def test_grid_subtitle_is_the_prompt(stem):
     _, api = load(stem)
     (grid,) = [v for v in api.values() if v["class_type"] == "DimFixComparisonGrid"]
     assert api[grid["inputs"]["subtitle"][0]]["_meta"]["title"] == "Prompt"
+
+
+def test_fit_view_keeps_boxes_in_the_free_area_and_off_the_minimap():
+    from zdf_testkit.workflow_builder import MINIMAP, VIEW_MARGINS, VIEW_SIZE, fit_view
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        xy = rng.uniform(-800, 2500, size=(12, 2))
+        wh = rng.uniform(40, 700, size=(12, 2))
+        boxes = [(x, y, x + w, y + h) for (x, y), (w, h) in zip(xy, wh)]
+        ds = fit_view(boxes)
+        k, (ox, oy) = ds["scale"], ds["offset"]
+        for x0, y0, x1, y1 in boxes:
+            sx0, sy0, sx1, sy1 = (x0 + ox) * k, (y0 + oy) * k, (x1 + ox) * k, (y1 + oy) * k
+            assert sx0 >= VIEW_MARGINS["left"] - 0.1 and sy0 >= VIEW_MARGINS["top"] - 0.1
+            assert sx1 <= VIEW_SIZE[0] - VIEW_MARGINS["right"] + 0.1
+            assert sy1 <= VIEW_SIZE[1] - VIEW_MARGINS["bottom"] + 0.1
+            assert sx1 <= MINIMAP[0] or sy1 <= MINIMAP[1] or sx0 >= MINIMAP[2] or sy0 >= MINIMAP[3]
