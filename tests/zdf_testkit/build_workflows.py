@@ -60,15 +60,15 @@ SAMPLING_NOTE = (
     "the images differ only by their conditioning). The original research sampled 9 steps with diffusers' "
     "Euler: set `steps` to 8–9 for closer parity; images will not be pixel-identical to it either way.")
 def first_run_note(dit: dict = DIT) -> str:
-    """What to download before the first run. The frontend's missing-models dialog lists the single files
+    """What to download before the first run. The frontend's missing-models warning lists the single files
     declared on the stock loaders; it cannot list a folder, so the substitute encoder is named here."""
     return (
         f"**Before the first run — substitute encoder.** Download the whole [{SUBSTITUTE}]({SUBSTITUTE_URL}) "
         f"folder (config.json + model-*.safetensors shards + index) into `models/text_encoders/{SUBSTITUTE}/`, "
         f"e.g. `huggingface-cli download Qwen/{SUBSTITUTE} --local-dir models/text_encoders/{SUBSTITUTE}`, then "
         "refresh the page (R) and pick it in **Qwen3 Embedding Loader** — or pick any other Qwen3 checkpoint "
-        "it lists. ComfyUI's missing-models dialog cannot list a folder, so it names only the files below.\n\n"
-        f"**Other models** (offered by the missing-models dialog): `models/diffusion_models/{dit['name']}`, "
+        "it lists. ComfyUI's missing-models warning cannot list a folder, so it names only the files below.\n\n"
+        f"**Other models** (offered by the missing-models warning): `models/diffusion_models/{dit['name']}`, "
         f"`models/text_encoders/{TE['name']}` (reference encoder), `models/vae/{VAE['name']}` — from "
         "[Comfy-Org](https://huggingface.co/Comfy-Org).\n\n"
         "**Node help:** select a node and click (i) *Node Info* in the toolbar above it.")
