@@ -6,7 +6,8 @@ pack without a ComfyUI install.
 """
 
 __version__ = "0.1.0"
-#: Served to the frontend: help pages (docs/) and the Analyzer's report preview (js/).
+#: Served to the frontend at /extensions/<pack folder>/: the node help pages (docs/<NodeId>.md, the fallback
+#: for every language, and docs/<NodeId>/en.md, zh.md) and the Analyzer's report preview (js/).
 WEB_DIRECTORY = "./web"
 
 

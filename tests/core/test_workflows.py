@@ -10,8 +10,10 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from zdf_testkit.build_workflows import UI_NAMES
 from zdf_testkit.workflow_specs import FRONTEND_ONLY, load_specs, socket_inputs, widget_count, widget_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,9 +21,9 @@ WF = ROOT / "workflows"
 API = WF / "api"
 SPECS = load_specs()
 PACK_CNR = "zimage-dimfix"
-STEMS = sorted(p.stem for p in WF.glob("*.json"))
-EXPECTED_STEMS = ["zimage_dimfix_analyze", "zimage_dimfix_blend", "zimage_dimfix_fix_comparison_grid",
-                  "zimage_dimfix_layer_select"]
+#: API twins' stems (workflows/api/<stem>.json); the UI file is workflows/<UI_NAMES[stem]>.json.
+EXPECTED_STEMS = ["zimage_dimfix_analyze", "zimage_dimfix_base_negative", "zimage_dimfix_blend",
+                  "zimage_dimfix_fix_comparison_grid", "zimage_dimfix_layer_select"]
 LOADER_FOLDERS = {"UNETLoader": ("unet_name", "diffusion_models"), "CLIPLoader": ("clip_name", "text_encoders"),
                   "VAELoader": ("vae_name", "vae")}
 #: widgets_values length per node type, written out by hand (+1 after each control_after_generate widget).
@@ -39,7 +41,7 @@ def pack_version() -> str:
 
 
 def load(stem: str) -> tuple[dict, dict]:
-    return (json.loads((WF / f"{stem}.json").read_text(encoding="utf-8")),
+    return (json.loads((WF / f"{UI_NAMES[stem]}.json").read_text(encoding="utf-8")),
             json.loads((API / f"{stem}.json").read_text(encoding="utf-8")))
 
 
@@ -53,8 +55,16 @@ def types_match(out_type: str, in_type: str) -> bool:
 
 # ------------------------------------------------------------------------------------------- files
 def test_expected_workflows_and_api_twins_exist():
-    assert STEMS == EXPECTED_STEMS
+    assert sorted(UI_NAMES) == EXPECTED_STEMS
+    assert sorted(p.stem for p in WF.glob("*.json")) == sorted(UI_NAMES.values())
     assert sorted(p.stem for p in API.glob("*.json")) == EXPECTED_STEMS
+
+
+@pytest.mark.parametrize("name", sorted(UI_NAMES.values()))
+def test_template_card_title_is_readable(name):
+    """The template browser shows the file name as title and, with '-'/'_' as spaces, as description."""
+    assert name[0].isupper() and "_" not in name and len(name) <= 40
+    assert re.fullmatch(r"[A-Za-z0-9 ().,+-]+", name), "keep template names URL- and filesystem-friendly"
 
 
 def test_widget_count_table_matches_specs():
@@ -256,3 +266,116 @@ def test_batch_runner_selectors_resolve():
         g = set_input(g, "Seed", "value", 7, multiple=True)
         assert [n["inputs"]["value"] for n in g.values() if n["_meta"]["title"] in ("Prompt", "Seed")] == \
             ["a test prompt", 7]
+
+
+def test_base_workflow_fixes_positive_and_negative_with_one_table():
+    _, api = load("zimage_dimfix_base_negative")
+    by_class: dict[str, list[str]] = {}
+    for nid, node in api.items():
+        by_class.setdefault(node["class_type"], []).append(nid)
+    (unet,) = by_class["UNETLoader"]
+    assert api[unet]["inputs"]["unet_name"] == "z_image_bf16.safetensors"
+    (table,) = by_class["DimFixDimensionAnalyzer"]
+    texts = {api[n]["_meta"]["title"]: api[n]["inputs"]["value"] for n in by_class["PrimitiveStringMultiline"]}
+    assert len(texts["Negative prompt"].split(",")) >= 5 and texts["Negative prompt"] != texts["Prompt"]
+
+    def source(link):  # (class of the encoder's CLIP loader, prompt-node title) of a CLIPTextEncode
+        enc = api[link[0]]
+        assert enc["class_type"] == "CLIPTextEncode"
+        return api[enc["inputs"]["clip"][0]]["class_type"], api[enc["inputs"]["text"][0]]["_meta"]["title"]
+
+    samplers = [api[s]["inputs"] for s in by_class["KSampler"]]
+    assert len(samplers) == 3
+    for i in samplers:
+        assert 3.0 <= i["cfg"] <= 5.0 and 25 <= i["steps"] <= 50
+        assert api[i["negative"][0]]["class_type"] != "ConditioningZeroOut"
+    fixed = [i for i in samplers if api[i["positive"][0]]["class_type"] == "DimFixEmbeddingDimensionFix"]
+    assert len(fixed) == 1
+    pos, neg = api[fixed[0]["positive"][0]], api[fixed[0]["negative"][0]]
+    assert neg["class_type"] == "DimFixEmbeddingDimensionFix" and pos is not neg
+    for fix, prompt in [(pos, "Prompt"), (neg, "Negative prompt")]:
+        assert fix["inputs"]["fix_table"] == [table, 0] and fix["inputs"]["mode"] == "affine"
+        assert source(fix["inputs"]["conditioning"]) == ("DimFixQwen3EmbeddingLoader", prompt)
+    encoded = [i for i in samplers if i is not fixed[0]]
+    assert sorted(source(i["positive"])[0] for i in encoded) == ["CLIPLoader", "DimFixQwen3EmbeddingLoader"]
+    ref = [i for i in encoded if source(i["positive"])[0] == "CLIPLoader"]
+    assert len(ref) == 1 and source(ref[0]["negative"]) == ("CLIPLoader", "Negative prompt")
+
+
+# ------------------------------------------------------------------------------------------- first open
+WINDOW = (1280, 800)
+SIDEBAR, TOP_BARS = 60, 90  # the frontend's icon sidebar; its tab bar + floating workflow menu, in pixels
+MINIMAP_CORNER = (1015, 535)  # the minimap and canvas toolbar fill the window's bottom-right corner from here
+TITLE = 30  # LiteGraph's node title bar, drawn above ``pos``
+
+
+def screen_box(node: dict, ds: dict) -> tuple[float, float, float, float]:
+    """Where LiteGraph draws a node (title bar included): screen = (canvas + offset) · scale."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    ox, oy = ds["offset"]
+    k = ds["scale"]
+    return (x + ox) * k, (y - TITLE + oy) * k, (x + w + ox) * k, (y + h + oy) * k
+
+
+@pytest.mark.parametrize("stem", EXPECTED_STEMS)
+def test_saved_view_shows_every_node_clear_of_the_frontend_chrome(stem):
+    ui, _ = load(stem)
+    ds = ui["extra"]["ds"]
+    assert 0.1 < ds["scale"] <= 1.0
+    for n in ui["nodes"]:
+        x0, y0, x1, y1 = screen_box(n, ds)
+        assert x0 >= SIDEBAR and y0 >= TOP_BARS and x1 <= WINDOW[0] and y1 <= WINDOW[1], (stem, n["id"], n["type"])
+        assert x1 <= MINIMAP_CORNER[0] or y1 <= MINIMAP_CORNER[1], (stem, n["id"], n["type"], "under the minimap")
+
+
+@pytest.mark.parametrize("stem", EXPECTED_STEMS)
+def test_read_me_note_opens_top_left_and_names_the_substitute_download(stem):
+    ui, _ = load(stem)
+    (note,) = [n for n in ui["nodes"] if n["type"] == "MarkdownNote"]
+    assert note.get("title") == "Read me"
+    boxes = [screen_box(n, ui["extra"]["ds"]) for n in ui["nodes"]]
+    mine = screen_box(note, ui["extra"]["ds"])
+    assert mine[0] == min(b[0] for b in boxes) and mine[1] == min(b[1] for b in boxes)
+    text = note["widgets_values"][0]
+    head = text[:text.index("**Other models**")]
+    assert "Qwen3-Embedding-4B" in head and "models/text_encoders/Qwen3-Embedding-4B/" in head
+    assert "huggingface.co/Qwen/Qwen3-Embedding-4B" in head
+
+
+@pytest.mark.parametrize("name", sorted(UI_NAMES.values()))
+def test_every_template_has_a_jpeg_thumbnail(name):
+    from PIL import Image
+
+    path = WF / f"{name}.jpg"
+    assert path.is_file(), f"missing thumbnail {path.name}: run tests/frontend/check_frontend.py --thumbnails"
+    with Image.open(path) as im:
+        assert im.format == "JPEG" and im.width == im.height >= 256  # template cards are square
+        # not a blank frame: the screenshot shows nodes on the canvas
+        lo, hi = im.convert("L").getextrema()
+        assert hi - lo > 60
+    assert sorted(p.stem for p in WF.glob("*.jpg")) == sorted(UI_NAMES.values())
+
+
+@pytest.mark.parametrize("stem", [s for s in EXPECTED_STEMS if s != "zimage_dimfix_analyze"])
+def test_grid_subtitle_is_the_prompt(stem):
+    _, api = load(stem)
+    (grid,) = [v for v in api.values() if v["class_type"] == "DimFixComparisonGrid"]
+    assert api[grid["inputs"]["subtitle"][0]]["_meta"]["title"] == "Prompt"
+
+
+def test_fit_view_keeps_boxes_in_the_free_area_and_off_the_minimap():
+    from zdf_testkit.workflow_builder import MINIMAP, VIEW_MARGINS, VIEW_SIZE, fit_view
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        xy = rng.uniform(-800, 2500, size=(12, 2))
+        wh = rng.uniform(40, 700, size=(12, 2))
+        boxes = [(x, y, x + w, y + h) for (x, y), (w, h) in zip(xy, wh)]
+        ds = fit_view(boxes)
+        k, (ox, oy) = ds["scale"], ds["offset"]
+        for x0, y0, x1, y1 in boxes:
+            sx0, sy0, sx1, sy1 = (x0 + ox) * k, (y0 + oy) * k, (x1 + ox) * k, (y1 + oy) * k
+            assert sx0 >= VIEW_MARGINS["left"] - 0.1 and sy0 >= VIEW_MARGINS["top"] - 0.1
+            assert sx1 <= VIEW_SIZE[0] - VIEW_MARGINS["right"] + 0.1
+            assert sy1 <= VIEW_SIZE[1] - VIEW_MARGINS["bottom"] + 0.1
+            assert sx1 <= MINIMAP[0] or sy1 <= MINIMAP[1] or sx0 >= MINIMAP[2] or sy0 >= MINIMAP[3]

@@ -16,12 +16,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from zdf_testkit import tiny_zimage as tz
+from zdf_testkit.build_workflows import UI_NAMES
 from zdf_testkit.host_env import server_env
 
 pytestmark = pytest.mark.slow
@@ -124,9 +126,10 @@ def test_pack_and_patch_node_import_and_templates_are_served(server):
     info = server["client"]._json("GET", "/object_info/DimFixComparisonGrid")
     assert info["DimFixComparisonGrid"]["display_name"] == "Fix Comparison Grid"
     templates = server["client"]._json("GET", "/workflow_templates")
-    assert sorted(templates[PACK_FOLDER]) == sorted(p.stem for p in API.glob("*.json"))
-    served = server["client"]._json("GET", f"/api/workflow_templates/{PACK_FOLDER}/zimage_dimfix_blend.json")
-    assert served == json.loads((ROOT / "workflows" / "zimage_dimfix_blend.json").read_text(encoding="utf-8"))
+    assert sorted(templates[PACK_FOLDER]) == sorted(UI_NAMES.values())  # the UI files, titled for the browser
+    name = UI_NAMES["zimage_dimfix_blend"]
+    served = server["client"]._json("GET", f"/api/workflow_templates/{PACK_FOLDER}/{quote(name)}.json")
+    assert served == json.loads((ROOT / "workflows" / f"{name}.json").read_text(encoding="utf-8"))
 
 
 def test_fix_grid_workflow_over_two_prompts(server, tmp_path):
@@ -160,7 +163,8 @@ def test_fix_grid_workflow_over_two_prompts(server, tmp_path):
     assert history["status"]["status_str"] == "success" and history["status"]["completed"]
 
 
-@pytest.mark.parametrize("stem,cells", [("zimage_dimfix_blend", 2), ("zimage_dimfix_layer_select", 2)])
+@pytest.mark.parametrize("stem,cells", [("zimage_dimfix_blend", 2), ("zimage_dimfix_layer_select", 2),
+                                       ("zimage_dimfix_base_negative", 3)])
 def test_other_workflows_through_the_cli(server, tmp_path, stem, cells):
     graph = small_graph(stem, server["models"].names)
     wf = tmp_path / f"{stem}.json"

@@ -28,6 +28,9 @@ DIT = {"name": "z_image_turbo_bf16.safetensors", "url": f"{HF}/diffusion_models/
 TE = {"name": "qwen_3_4b.safetensors", "url": f"{HF}/text_encoders/qwen_3_4b.safetensors",
       "directory": "text_encoders"}
 VAE = {"name": "ae.safetensors", "url": f"{HF}/vae/ae.safetensors", "directory": "vae"}
+DIT_BASE = {"name": "z_image_bf16.safetensors",
+            "url": "https://huggingface.co/Comfy-Org/z_image/resolve/main/split_files/diffusion_models/"
+                   "z_image_bf16.safetensors", "directory": "diffusion_models"}
 SUBSTITUTE = "Qwen3-Embedding-4B"  # a Hugging Face folder in models/text_encoders
 SUBSTITUTE_URL = "https://huggingface.co/Qwen/Qwen3-Embedding-4B"
 
@@ -56,12 +59,19 @@ SAMPLING_NOTE = (
     f"ModelSamplingAuraFlow shift {SHIFT:g}, {SIZE}×{SIZE}, seed {SEED} (fixed, shared by every sampler so "
     "the images differ only by their conditioning). The original research sampled 9 steps with diffusers' "
     "Euler: set `steps` to 8–9 for closer parity; images will not be pixel-identical to it either way.")
-MODELS_NOTE = (
-    "**Models.** `models/diffusion_models/z_image_turbo_bf16.safetensors`, "
-    "`models/text_encoders/qwen_3_4b.safetensors`, `models/vae/ae.safetensors` (all from "
-    "[Comfy-Org/z_image_turbo](https://huggingface.co/Comfy-Org/z_image_turbo)); the substitute encoder "
-    f"`models/text_encoders/{SUBSTITUTE}/` = the whole [Qwen/Qwen3-Embedding-4B]({SUBSTITUTE_URL}) folder "
-    "(config.json + safetensors shards), or any other Qwen3 checkpoint the Qwen3 Embedding Loader lists.")
+def first_run_note(dit: dict = DIT) -> str:
+    """What to download before the first run. The frontend's missing-models warning lists the single files
+    declared on the stock loaders; it cannot list a folder, so the substitute encoder is named here."""
+    return (
+        f"**Before the first run — substitute encoder.** Download the whole [{SUBSTITUTE}]({SUBSTITUTE_URL}) "
+        f"folder (config.json + model-*.safetensors shards + index) into `models/text_encoders/{SUBSTITUTE}/`, "
+        f"e.g. `huggingface-cli download Qwen/{SUBSTITUTE} --local-dir models/text_encoders/{SUBSTITUTE}`, then "
+        "refresh the page (R) and pick it in **Qwen3 Embedding Loader** — or pick any other Qwen3 checkpoint "
+        "it lists. ComfyUI's missing-models warning cannot list a folder, so it names only the files below.\n\n"
+        f"**Other models** (offered by the missing-models warning): `models/diffusion_models/{dit['name']}`, "
+        f"`models/text_encoders/{TE['name']}` (reference encoder), `models/vae/{VAE['name']}` — from "
+        "[Comfy-Org](https://huggingface.co/Comfy-Org).\n\n"
+        "**Node help:** select a node and click (i) *Node Info* in the toolbar above it.")
 
 
 def pack_version() -> str:
@@ -77,12 +87,26 @@ def new_graph(specs: dict, workflow_id: str) -> Graph:
 
 
 # ------------------------------------------------------------------------------------------ blocks
-def note(g: Graph, text: str, pos=(-520, 0), size=(460, 520)):
-    return g.add("MarkdownNote", pos, title="Read me", widgets={"text": text}, size=size)
+# ------------------------------------------------------------------------------------------ layout
+#: Column pitch and vertical gap: compact, so that the saved view (fitted to a 1280×800 window by the
+#: builder) stays above the frontend's low-detail zoom (~0.57) for the smaller workflows.
+PITCH, GAP = 340, 20
+NOTE_W = 400
 
 
-def dit_chain(g: Graph, col: Column):
-    unet = g.add("UNETLoader", col, widgets={"unet_name": DIT["name"], "weight_dtype": "default"}, models=[DIT])
+def col(k: int, y: float = 0.0) -> Column:
+    return Column(k * PITCH, y, gap=GAP)
+
+
+def note(g: Graph, text: str, pos=(-NOTE_W - 30, 0), size=(NOTE_W, 520), dit: dict = DIT):
+    """The "Read me" note, left of the graph: a title line, the first-run block, then ``text``."""
+    head, _, rest = text.partition("\n\n")
+    full = f"{head}\n\n{first_run_note(dit)}\n\n{rest}"
+    return g.add("MarkdownNote", pos, title="Read me", widgets={"text": full}, size=size)
+
+
+def dit_chain(g: Graph, col: Column, dit: dict = DIT):
+    unet = g.add("UNETLoader", col, widgets={"unet_name": dit["name"], "weight_dtype": "default"}, models=[dit])
     ms = g.add("ModelSamplingAuraFlow", col, widgets={"shift": SHIFT}, inputs={"model": (unet, 0)})
     return unet, ms
 
@@ -123,30 +147,41 @@ def encode(g: Graph, clip, prompt, pos, title):
                  inputs={"clip": (clip, 0), "text": (prompt, 0)})
 
 
-def sampler(g: Graph, model, positive, negative, latent, seed, pos, title):
+def sampler(g: Graph, model, positive, negative, latent, seed, pos, title, steps: int = STEPS, cfg: float = CFG):
     return g.add("KSampler", pos, title=title,
-                 widgets={"seed": SEED, "steps": STEPS, "cfg": CFG, "sampler_name": SAMPLER, "scheduler": SCHEDULER,
+                 widgets={"seed": SEED, "steps": steps, "cfg": cfg, "sampler_name": SAMPLER, "scheduler": SCHEDULER,
                           "denoise": 1.0},
                  inputs={"model": (model, 0), "positive": (positive, 0), "negative": (negative, 0),
                          "latent_image": (latent, 0), "seed": (seed, 0)}, control={"seed": "fixed"})
 
 
 def decode(g: Graph, samples, vae, pos):
-    return g.add("VAEDecode", pos, inputs={"samples": (samples, 0), "vae": (vae, 0)}, size=(210, 60))
+    return g.add("VAEDecode", pos, inputs={"samples": (samples, 0), "vae": (vae, 0)}, size=(210, 46))
 
 
-def grid(g: Graph, images: list, labels: list[str], prompt, pos, title: str, columns: int = 0):
+def sample_and_decode(g: Graph, column: Column, model, positive, negative, latent, seed, vae, title, **kw):
+    """A KSampler and, below it in the same column, its VAE Decode."""
+    ks = sampler(g, model, positive, negative, latent, seed, column, title, **kw)
+    return decode(g, ks, vae, column)
+
+
+def grid(g: Graph, images: list, labels: list[str], prompt, pos, title: str, columns: int = 0,
+         size=(400, 330)):
     inputs = {"reference": (images[0], 0), "subtitle": (prompt, 0)}
     for k, im in enumerate(images[1:], start=1):
         inputs[f"image_{k}"] = (im, 0)
     return g.add(NODE_IDS["grid"], pos, title="Fix Comparison Grid",
                  widgets={"labels": "\n".join(labels), "title": title, "subtitle": "", "columns": columns,
-                          "fit": "pad"}, inputs=inputs, size=(720, 620))
+                          "fit": "pad"}, inputs=inputs, size=size)
 
 
-def common_front(g: Graph, col: Column):
+def save(g: Graph, image, pos, prefix: str, size=(400, 300), slot: int = 0):
+    return g.add("SaveImage", pos, widgets={"filename_prefix": prefix}, inputs={"images": (image, slot)}, size=size)
+
+
+def common_front(g: Graph, col: Column, dit: dict = DIT):
     """Model, sampling shift, VAE, prompt, seed, empty latent."""
-    unet, model = dit_chain(g, col)
+    unet, model = dit_chain(g, col, dit)
     vae = vae_loader(g, col)
     prompt, seed = prompt_and_seed(g, col)
     latent = g.add("EmptySD3LatentImage", col, widgets={"width": SIZE, "height": SIZE, "batch_size": 1})
@@ -166,34 +201,33 @@ def fix_comparison_grid(specs: dict) -> Graph:
             "file in `table_file`.\n\n**Modes.** `none`, `rescale`, `mask`, `clamp`, `full` = the original "
             f"research's formulas; `{BEST_MODE}` = the pack's recommended mode. All use token scope `content` "
             "(the sink and chat-template tokens pass unchanged, as the table's statistics cover content tokens "
-            "only).\n\n" + SAMPLING_NOTE + "\n\n" + MODELS_NOTE + "\n\n**Batch.** The API twin "
+            "only).\n\n" + SAMPLING_NOTE + "\n\n**Batch.** The API twin "
             "`workflows/api/zimage_dimfix_fix_comparison_grid.json` runs over many prompts with `python -m "
             "dimfix.batch --prompt-node Prompt --prompt-input value --seed-node Seed --seed-input value ...`.",
-         size=(480, 900))
-    unet, model, vae, prompt, seed, latent = common_front(g, Column(0))
-    col = Column(400)
-    ref = reference_clip(g, col)
-    sub = substitute_clip(g, col)
-    pos_ref = encode(g, ref, prompt, col, "Encode (reference)")
-    pos_sub = encode(g, sub, prompt, col, "Encode (substitute)")
-    neg = g.add("ConditioningZeroOut", col, title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
-    analyzer = g.add(NODE_IDS["analyzer"], col, title="Dimension Analyzer", widgets=ANALYZER_WIDGETS,
+         size=(NOTE_W, 1500))
+    unet, model, vae, prompt, seed, latent = common_front(g, col(0))
+    c = col(0, latent.pos[1] + latent.size[1] + GAP)
+    ref = reference_clip(g, c)
+    sub = substitute_clip(g, c)
+    c = col(1)
+    pos_ref = encode(g, ref, prompt, c, "Encode (reference)")
+    pos_sub = encode(g, sub, prompt, c, "Encode (substitute)")
+    neg = g.add("ConditioningZeroOut", c, title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
+    analyzer = g.add(NODE_IDS["analyzer"], c, title="Dimension Analyzer", widgets=ANALYZER_WIDGETS,
                      inputs={"reference": (ref, 0), "target": (sub, 0), "model": (unet, 0)})
     fixes = []
-    col = Column(800, 200)
+    c = col(2)
     for mode in modes:
-        fixes.append(g.add(NODE_IDS["fix"], col, title=f"Fix: {mode}", widgets={**FIX_WIDGETS, "mode": mode},
+        fixes.append(g.add(NODE_IDS["fix"], c, title=f"Fix: {mode}", widgets={**FIX_WIDGETS, "mode": mode},
                            inputs={"conditioning": (pos_sub, 0), "fix_table": (analyzer, 0)}))
     images = []
-    col = Column(1200)
+    columns = [col(3), col(4)]
     for k, cond in enumerate([pos_ref, *fixes]):
-        ks = sampler(g, model, cond, neg, latent, seed, col, "KSampler (reference)" if k == 0
-                     else f"KSampler ({modes[k - 1]})")
-        images.append(decode(g, ks, vae, (1560, ks.pos[1])))
+        images.append(sample_and_decode(g, columns[k // 4], model, cond, neg, latent, seed, vae,
+                                        "KSampler (reference)" if k == 0 else f"KSampler ({modes[k - 1]})"))
     labels = ["Qwen3-4B (reference)", *[f"Fix: {m}" for m in modes]]
-    gr = grid(g, images, labels, prompt, (1820, 0), "Dimension Fix Comparison", columns=4)
-    g.add("SaveImage", (1820, 700), widgets={"filename_prefix": "zimage_dimfix/fix_grid"},
-          inputs={"images": (gr, 0)}, size=(720, 560))
+    gr = grid(g, images, labels, prompt, (5 * PITCH, 0), "Dimension Fix Comparison", columns=4, size=(560, 480))
+    save(g, gr, (5 * PITCH, 480 + 30 + GAP), "zimage_dimfix/fix_grid", size=(560, 460))
     return g
 
 
@@ -221,18 +255,16 @@ def analyze(specs: dict) -> Graph:
             "**Other layers.** `layer` is the target's hidden layer, `reference_layer` the reference's; keep the "
             "reference at −2 (what Z-Image was trained on). For a VL encoder set `layer` to −6: the table then "
             "pairs the target at −6 with Qwen3-4B at −2, and is meant for the target's conditioning taken at −6 "
-            "(Hidden Layer Select).\n\n"
-            + MODELS_NOTE, size=(460, 620))
-    col = Column(0)
-    unet = g.add("UNETLoader", col, widgets={"unet_name": DIT["name"], "weight_dtype": "default"}, models=[DIT])
-    ref = reference_clip(g, col)
-    sub = substitute_clip(g, col)
-    analyzer = g.add(NODE_IDS["analyzer"], (400, 0), title="Dimension Analyzer",
+            "(Hidden Layer Select).", size=(NOTE_W, 1000))
+    c = col(0)
+    unet = g.add("UNETLoader", c, widgets={"unet_name": DIT["name"], "weight_dtype": "default"}, models=[DIT])
+    ref = reference_clip(g, c)
+    sub = substitute_clip(g, c)
+    analyzer = g.add(NODE_IDS["analyzer"], (PITCH, 0), title="Dimension Analyzer",
                      widgets={**ANALYZER_WIDGETS, "save_name": TABLE_NAME},
-                     inputs={"reference": (ref, 0), "target": (sub, 0), "model": (unet, 0)}, size=(420, 620))
-    g.add("PreviewAny", (880, 0), title="Report", inputs={"source": (analyzer, 1)}, size=(620, 560))
-    g.add("SaveImage", (880, 640), widgets={"filename_prefix": "zimage_dimfix/analysis"},
-          inputs={"images": (analyzer, 2)}, size=(620, 520))
+                     inputs={"reference": (ref, 0), "target": (sub, 0), "model": (unet, 0)}, size=(400, 600))
+    g.add("PreviewAny", (PITCH + 440, 0), title="Report", inputs={"source": (analyzer, 1)}, size=(520, 680))
+    save(g, analyzer, c, "zimage_dimfix/analysis", size=(320, 480), slot=2)
     return g
 
 
@@ -243,28 +275,25 @@ def blend(specs: dict) -> Graph:
             "the substitute's tokens are pooled to that length and each is scaled to the RMS of the matching "
             "primary token first (`rms_match`), so alpha weighs directions, not loudness. Connect a fix table "
             "(Dimension Analyzer, or `table_file`) to treat the substitute's outlier dims (`outliers`).\n\nThe "
-            "grid shows the reference image beside the blend.\n\n" + SAMPLING_NOTE + "\n\n" + MODELS_NOTE,
-         size=(460, 700))
-    unet, model, vae, prompt, seed, latent = common_front(g, Column(0))
-    col = Column(400)
-    ref = reference_clip(g, col)
-    sub = substitute_clip(g, col)
-    pos_ref = encode(g, ref, prompt, col, "Encode (reference)")
-    pos_sub = encode(g, sub, prompt, col, "Encode (substitute)")
-    neg = g.add("ConditioningZeroOut", col, title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
-    mixed = g.add(NODE_IDS["blend"], (800, 320), title="Embedding Blend",
+            "grid shows the reference image beside the blend.\n\n" + SAMPLING_NOTE,
+         size=(NOTE_W, 1000))
+    unet, model, vae, prompt, seed, latent = common_front(g, col(0))
+    c = col(1)
+    ref = reference_clip(g, c)
+    sub = substitute_clip(g, c)
+    pos_ref = encode(g, ref, prompt, c, "Encode (reference)")
+    pos_sub = encode(g, sub, prompt, c, "Encode (substitute)")
+    neg = g.add("ConditioningZeroOut", c, title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
+    mixed = g.add(NODE_IDS["blend"], c, title="Embedding Blend",
                   widgets={"alpha": 0.8, "align": "pool", "outliers": "none", "rms_match": True,
                            "table_file": "none"},
                   inputs={"primary": (pos_ref, 0), "secondary": (pos_sub, 0)})
-    images = []
-    col = Column(1200)
-    for cond, name in [(pos_ref, "reference"), (mixed, "blend")]:
-        ks = sampler(g, model, cond, neg, latent, seed, col, f"KSampler ({name})")
-        images.append(decode(g, ks, vae, (1560, ks.pos[1])))
-    gr = grid(g, images, ["Qwen3-4B (reference)", f"Blend α=0.8 with {SUBSTITUTE}"], prompt, (1820, 0),
+    c = col(2)
+    images = [sample_and_decode(g, c, model, cond, neg, latent, seed, vae, f"KSampler ({name})")
+              for cond, name in [(pos_ref, "reference"), (mixed, "blend")]]
+    gr = grid(g, images, ["Qwen3-4B (reference)", f"Blend α=0.8 with {SUBSTITUTE}"], prompt, (3 * PITCH, 0),
               "Embedding Blend")
-    g.add("SaveImage", (1820, 700), widgets={"filename_prefix": "zimage_dimfix/blend"}, inputs={"images": (gr, 0)},
-          size=(720, 560))
+    save(g, gr, (3 * PITCH, 330 + 30 + GAP), "zimage_dimfix/blend")
     return g
 
 
@@ -277,26 +306,70 @@ def layer_select(specs: dict) -> Graph:
             f"picks another layer in Hugging Face indexing (here {LAYER}; −1 = the final normed output, 0 = the "
             "embeddings) and checks it against the model's real depth — unlike CLIP Set Last Layer, whose "
             "numbering is shifted by one and cannot reach every layer. The grid compares the default layer "
-            f"with layer {LAYER} for the same seed.\n\n" + SAMPLING_NOTE + "\n\n" + MODELS_NOTE, size=(460, 600))
-    unet, model, vae, prompt, seed, latent = common_front(g, Column(0))
-    col = Column(400)
-    ref = reference_clip(g, col)
+            f"with layer {LAYER} for the same seed.\n\n" + SAMPLING_NOTE, size=(NOTE_W, 1000))
+    unet, model, vae, prompt, seed, latent = common_front(g, col(0))
+    c = col(1)
+    ref = reference_clip(g, c)
     spec = g.specs[NODE_IDS["layers"]]
     layer_widgets = {i["name"]: LAYER_WIDGETS[i["name"]] for i in spec["inputs"] if i["widget"]}
-    chosen = g.add(NODE_IDS["layers"], col, title="Hidden Layer Select", widgets=layer_widgets,
+    chosen = g.add(NODE_IDS["layers"], c, title="Hidden Layer Select", widgets=layer_widgets,
                    inputs={"clip": (ref, 0)})
-    pos_ref = encode(g, ref, prompt, col, "Encode (layer -2, default)")
-    pos_sel = encode(g, chosen, prompt, col, f"Encode (layer {LAYER})")
-    neg = g.add("ConditioningZeroOut", col, title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
-    images = []
-    col = Column(800)
-    for cond, name in [(pos_ref, "layer -2"), (pos_sel, f"layer {LAYER}")]:
-        ks = sampler(g, model, cond, neg, latent, seed, col, f"KSampler ({name})")
-        images.append(decode(g, ks, vae, (1160, ks.pos[1])))
-    gr = grid(g, images, ["Qwen3-4B layer -2 (default)", f"Qwen3-4B layer {LAYER}"], prompt, (1420, 0),
+    pos_ref = encode(g, ref, prompt, c, "Encode (layer -2, default)")
+    pos_sel = encode(g, chosen, prompt, c, f"Encode (layer {LAYER})")
+    neg = g.add("ConditioningZeroOut", c, title="Negative (zeroed)", inputs={"conditioning": (pos_ref, 0)})
+    c = col(2)
+    images = [sample_and_decode(g, c, model, cond, neg, latent, seed, vae, f"KSampler ({name})")
+              for cond, name in [(pos_ref, "layer -2"), (pos_sel, f"layer {LAYER}")]]
+    gr = grid(g, images, ["Qwen3-4B layer -2 (default)", f"Qwen3-4B layer {LAYER}"], prompt, (3 * PITCH, 0),
               "Hidden layer comparison")
-    g.add("SaveImage", (1420, 700), widgets={"filename_prefix": "zimage_dimfix/layer"}, inputs={"images": (gr, 0)},
-          size=(720, 560))
+    save(g, gr, (3 * PITCH, 330 + 30 + GAP), "zimage_dimfix/layer")
+    return g
+
+
+# Z-Image Base (the undistilled model): real CFG, so the negative prompt matters and must be fixed too.
+BASE_STEPS, BASE_CFG = 30, 4.0
+NEGATIVE = ("blurry, low quality, lowres, jpeg artifacts, watermark, text, deformed hands, extra fingers, "
+            "oversaturated, cartoon")
+
+
+def base_negative(specs: dict) -> Graph:
+    g = new_graph(specs, "6a0d3c51-7c1e-4e52-9d33-2f7d0a9b1c05")
+    note(g, "# Z-Image Base with a fixed negative\n\nZ-Image Base (not Turbo) samples with real classifier-free "
+            f"guidance (cfg {BASE_CFG:g}, {BASE_STEPS} steps; 3–5 and 25–50 are its usual ranges), so the negative "
+            "prompt is read by the DiT as much as the positive. With a substitute encoder both are encoded by it, "
+            "and both go through **Embedding Dimension Fix** with the same fix table (the Dimension Analyzer "
+            "here, or a saved `table_file`): an unfixed negative would push the image away from a "
+            "mis-scaled direction.\n\nThe grid shows the Qwen3-4B reference, the substitute unfixed, and the "
+            f"substitute with positive and negative fixed (`{BEST_MODE}`, token scope `content`), same seed.\n\n"
+            f"**Sampling.** `{SAMPLER}` / `{SCHEDULER}`, ModelSamplingAuraFlow shift {SHIFT:g}, {SIZE}×{SIZE}, "
+            f"seed {SEED} shared by every sampler.", size=(NOTE_W, 1100), dit=DIT_BASE)
+    unet, model, vae, prompt, seed, latent = common_front(g, col(0), DIT_BASE)
+    c = col(0, latent.pos[1] + latent.size[1] + GAP)
+    negative = g.add("PrimitiveStringMultiline", c, title="Negative prompt", widgets={"value": NEGATIVE})
+    c = col(1)
+    ref = reference_clip(g, c)
+    sub = substitute_clip(g, c)
+    analyzer = g.add(NODE_IDS["analyzer"], c, title="Dimension Analyzer", widgets=ANALYZER_WIDGETS,
+                     inputs={"reference": (ref, 0), "target": (sub, 0), "model": (unet, 0)})
+    c = col(2)
+    conds = {}
+    for clip, who in [(ref, "reference"), (sub, "substitute")]:
+        for text, sign in [(prompt, "positive"), (negative, "negative")]:
+            conds[who, sign] = encode(g, clip, text, c, f"Encode {sign} ({who})")
+    c = col(3)
+    fixed = {sign: g.add(NODE_IDS["fix"], c, title=f"Fix {sign}: {BEST_MODE}", widgets=FIX_WIDGETS,
+                         inputs={"conditioning": (conds["substitute", sign], 0), "fix_table": (analyzer, 0)})
+             for sign in ("positive", "negative")}
+    cells = [("reference", conds["reference", "positive"], conds["reference", "negative"]),
+             ("substitute, unfixed", conds["substitute", "positive"], conds["substitute", "negative"]),
+             ("substitute, fixed", fixed["positive"], fixed["negative"])]
+    columns = [c, col(4)]
+    images = [sample_and_decode(g, columns[min(k, 1)], model, pos_c, neg_c, latent, seed, vae, f"KSampler ({name})",
+                                steps=BASE_STEPS, cfg=BASE_CFG)
+              for k, (name, pos_c, neg_c) in enumerate(cells)]
+    labels = ["Qwen3-4B (reference)", f"{SUBSTITUTE}, unfixed", f"{SUBSTITUTE}, fixed (+ and −)"]
+    gr = grid(g, images, labels, prompt, (5 * PITCH, 0), "Z-Image Base: fixed negative")
+    save(g, gr, (5 * PITCH, 330 + 30 + GAP), "zimage_dimfix/base")
     return g
 
 
@@ -308,6 +381,16 @@ WORKFLOW_BUILDERS = {
     "zimage_dimfix_analyze": analyze,
     "zimage_dimfix_blend": blend,
     "zimage_dimfix_layer_select": layer_select,
+    "zimage_dimfix_base_negative": base_negative,
+}
+#: File name (without .json) of each UI workflow: the template browser shows it as the card's title and, with
+#: '-' and '_' turned into spaces, as its description; the API twin keeps the script-friendly key.
+UI_NAMES = {
+    "zimage_dimfix_fix_comparison_grid": "Fix comparison grid",
+    "zimage_dimfix_analyze": "Dimension analysis and fix table",
+    "zimage_dimfix_blend": "Encoder blend",
+    "zimage_dimfix_layer_select": "Hidden layer comparison",
+    "zimage_dimfix_base_negative": "Z-Image Base with fixed negative",
 }
 
 
@@ -324,9 +407,9 @@ def build_all(specs: dict | None = None) -> dict[str, tuple[dict, dict]]:
 def write_all(dest: Path = WORKFLOWS, specs: dict | None = None) -> list[Path]:
     written = []
     for stem, (ui, api) in build_all(specs).items():
-        write_json(dest / f"{stem}.json", ui)
+        write_json(dest / f"{UI_NAMES[stem]}.json", ui)
         write_json(dest / "api" / f"{stem}.json", api)
-        written += [dest / f"{stem}.json", dest / "api" / f"{stem}.json"]
+        written += [dest / f"{UI_NAMES[stem]}.json", dest / "api" / f"{stem}.json"]
     return written
 
 

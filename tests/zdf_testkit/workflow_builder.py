@@ -58,6 +58,13 @@ class Column:
 
 TITLE_HEIGHT = 30.0
 SLOT_HEIGHT = 20.0
+#: The window a first-time user opens the workflow in, and the frontend chrome around the canvas
+#: (left: the sidebar's icon column; top: the menu and workflow tab bar).
+VIEW_SIZE = (1280.0, 800.0)
+VIEW_MARGINS = {"left": 80.0, "top": 100.0, "right": 80.0, "bottom": 60.0}
+#: Screen rectangle of the frontend's minimap and canvas toolbar (bottom right, shown by default).
+MINIMAP = (1015.0, 535.0, 1280.0, 800.0)
+MAX_SCALE = 1.0
 WIDGET_HEIGHT = 24.0
 MULTILINE_HEIGHT = 110.0
 
@@ -195,7 +202,12 @@ class Graph:
         return {"id": self.workflow_id, "revision": 0, "last_node_id": max(n.id for n in self.nodes),
                 "last_link_id": link_id, "nodes": nodes, "links": self.links, "groups": self.groups,
                 "definitions": {"subgraphs": []}, "config": {},
-                "extra": {"ds": {"scale": 0.6, "offset": [40, 40]}}, "version": 0.4}
+                "extra": {"ds": fit_view(self.boxes())}, "version": 0.4}
+
+    def boxes(self) -> list[tuple[float, float, float, float]]:
+        """Canvas rectangles ``(x0, y0, x1, y1)`` of every node (title bar included) and every group."""
+        boxes = [(n.pos[0], n.pos[1] - TITLE_HEIGHT, n.pos[0] + n.size[0], n.pos[1] + n.size[1]) for n in self.nodes]
+        return boxes + [(x, y, x + w, y + h) for x, y, w, h in (g["bounding"] for g in self.groups)]
 
     def api(self) -> dict:
         out = {}
@@ -214,6 +226,32 @@ class Graph:
             out[str(node.id)] = {"inputs": inputs, "class_type": node.type,
                                  "_meta": {"title": node.title or node.type}}
         return out
+
+
+def to_screen(box: tuple[float, float, float, float], ds: dict) -> tuple[float, float, float, float]:
+    """LiteGraph draws canvas point ``p`` at screen ``(p + offset) * scale``."""
+    (ox, oy), k = ds["offset"], ds["scale"]
+    return (box[0] + ox) * k, (box[1] + oy) * k, (box[2] + ox) * k, (box[3] + oy) * k
+
+
+def overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def fit_view(boxes: list, view=VIEW_SIZE, margins=VIEW_MARGINS, minimap=MINIMAP) -> dict:
+    """``extra.ds`` that shows every box inside ``view`` less ``margins``, top-left aligned, none under the
+    minimap (the scale shrinks until the bottom-right corner is free)."""
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    free_w = view[0] - margins["left"] - margins["right"]
+    free_h = view[1] - margins["top"] - margins["bottom"]
+    scale = min(MAX_SCALE, free_w / (x1 - x0), free_h / (y1 - y0))
+    while True:
+        scale = float(int(scale * 1000) / 1000)  # round down: never a pixel over the edge
+        ds = {"scale": scale, "offset": [round(margins["left"] / scale - x0, 1), round(margins["top"] / scale - y0, 1)]}
+        if not any(overlaps(to_screen(b, ds), minimap) for b in boxes):
+            return ds
+        scale *= 0.99
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
