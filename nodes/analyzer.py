@@ -19,11 +19,13 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..dimfix.analysis import CorpusAnalysis, analyze_conditioning_pairs
+from ..dimfix.dit import CapEmbedder
 from ..dimfix.config import Thresholds
 from ..dimfix.corpus import default_corpus_path, load_default_corpus, parse_corpus
 from ..dimfix.fixtable import save_fix_table
 from ..dimfix.layers import LayerIndexError, plan_analysis_layers
 from ..dimfix.plots import to_image_batch
+from ..dimfix.repair import RepairStudy
 from ..dimfix.tokens import SCOPES, ZIMAGE_TEMPLATE, classify_ids, classify_positions
 from . import comfy_access as host
 from .common import CATEGORY, FixTableSocket
@@ -180,6 +182,7 @@ class DimensionAnalyzer(io.ComfyNode):
                                             reference_layer=int(reference_layer), thresholds=thresholds,
                                             token_scope=token_scope, cap_weights=_cap_weights(model), node=NODE,
                                             step=step)
+            study = None
             names = (_cond_name(reference_conditioning, "reference conditioning"),
                      _cond_name(target_conditioning, "target conditioning"))
             template = ""
@@ -187,8 +190,8 @@ class DimensionAnalyzer(io.ComfyNode):
             if reference is None or target is None:
                 raise ValueError(f"{NODE}: connect both text encoders 'reference' and 'target', or the conditioning "
                                  "pair 'reference_conditioning' / 'target_conditioning'")
-            an = _encoder_analysis(reference, target, prompts, layer, reference_layer, bool(sweep_all_layers),
-                                   thresholds, token_scope, model)
+            an, study = _encoder_analysis(reference, target, prompts, layer, reference_layer,
+                                          bool(sweep_all_layers), thresholds, token_scope, model)
             names = (host.model_name(reference, "reference", NODE), host.model_name(target, "target", NODE))
             template = ZIMAGE_TEMPLATE
 
@@ -196,6 +199,14 @@ class DimensionAnalyzer(io.ComfyNode):
         result = an.finish(reference_model=names[0], target_model=names[1])
         table = result.fix_table(template=template)
         report = result.report_markdown() + _vl_note(reference, target, cond_mode)
+        if study is not None:  # the learned modes and the held-out evaluation of every mode
+            host.check_interrupt()
+            repair = study.finish(table, thresholds)
+            table = repair.extend(table)
+            report += "\n" + repair.markdown()
+        else:
+            report += "\nThe repair study (learned modes, held-out evaluation) needs the encoders and token ids; " \
+                      "it does not run on a conditioning pair.\n"
         images = to_image_batch(result.plots())
         if dest is not None:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -224,7 +235,7 @@ def _positions(select: list[int] | str, n_states: int) -> list[int]:
 
 
 def _encoder_analysis(reference, target, prompts: str, layer: int, reference_layer: int, sweep: bool,
-                      thresholds: Thresholds, token_scope: str, model) -> CorpusAnalysis:
+                      thresholds: Thresholds, token_scope: str, model) -> tuple[CorpusAnalysis, RepairStudy]:
     """Encode every corpus prompt with both encoders (one forward each) and feed the analysis."""
     text = prompts if isinstance(prompts, str) else ""
     corpus = load_default_corpus() if not text.strip() else parse_corpus(text, source="prompts")
@@ -235,24 +246,31 @@ def _encoder_analysis(reference, target, prompts: str, layer: int, reference_lay
         lp = plan_analysis_layers(layer, reference_layer, n_tgt, n_ref, sweep)
     except LayerIndexError as e:
         raise ValueError(f"{NODE}: {e}") from None
-    an = None
+    an = study = None
+    ref_pos, tgt_pos = _positions(lp.select_reference, n_ref), _positions(lp.select_target, n_tgt)
+    # the repair study works on the table's layer pair: the primary target layer and its reference layer
+    j_ref = ref_pos.index((lp.primary if lp.reference_layer is None else lp.reference_layer) + n_ref)
+    j_tgt = tgt_pos.index(lp.primary + n_tgt)
     pbar = host.progress(len(corpus.prompts))
     for prompt in corpus.prompts:
         host.check_interrupt()
-        r, r_ids = host.encode_layers(reference, prompt, _positions(lp.select_reference, n_ref), "reference", NODE)
-        t, t_ids = host.encode_layers(target, prompt, _positions(lp.select_target, n_tgt), "target", NODE)
+        r, r_ids = host.encode_layers(reference, prompt, ref_pos, "reference", NODE)
+        t, t_ids = host.encode_layers(target, prompt, tgt_pos, "target", NODE)
         if r.shape[-1] != t.shape[-1]:
             raise ValueError(f"{NODE}: the encoders have different widths (reference {r.shape[-1]}, target "
                              f"{t.shape[-1]}); a fix table needs the same hidden size")
         if an is None:
             an = CorpusAnalysis(r.shape[-1], layers=lp.labels, thresholds=thresholds, token_scope=token_scope,
                                 primary_layers=[lp.primary], reference_layer=lp.reference_layer)
-            if model is not None:
+            cap = None if model is None else CapEmbedder.from_weights(*_cap_weights(model))
+            if cap is not None:
                 an.set_dit(*_cap_weights(model))
-        an.add_prompt(r, t, _labels(r_ids, r.shape[1]), _labels(t_ids, t.shape[1]), prompt=prompt,
-                      ref_ids=r_ids, tgt_ids=t_ids)
+            study = RepairStudy(r.shape[-1], cap)
+        r_lab, t_lab = _labels(r_ids, r.shape[1]), _labels(t_ids, t.shape[1])
+        an.add_prompt(r, t, r_lab, t_lab, prompt=prompt, ref_ids=r_ids, tgt_ids=t_ids)
+        study.add_prompt(prompt, r[j_ref], t[j_tgt], r_ids, t_ids, r_lab, t_lab)
         pbar.update(1)
-    return an
+    return an, study
 
 
 def _labels(ids: list[int] | None, n: int) -> torch.Tensor:

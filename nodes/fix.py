@@ -10,6 +10,7 @@ from ..dimfix import conditioning as cond_utils
 from ..dimfix import fixes
 from ..dimfix.config import Thresholds
 from ..dimfix.fixtable import FixTable
+from ..dimfix.repair import AUTO, LEARNED_MODES, fix_function, resolve_mode
 from ..dimfix.tokens import SCOPES
 from . import comfy_access as host
 from .common import CATEGORY, NO_FILE, FixTableSocket, check_width, resolve_table, table_file_fingerprint, \
@@ -17,7 +18,6 @@ from .common import CATEGORY, NO_FILE, FixTableSocket, check_width, resolve_tabl
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODE = "affine"
 
 
 def warn_provenance(table: FixTable, cond: list, scope: str, node: str) -> None:
@@ -56,13 +56,9 @@ class EmbeddingDimensionFix(io.ComfyNode):
                         "trained on. Every entry is fixed; token count, pooled output and an all-ones mask are kept.",
             inputs=[
                 io.Conditioning.Input("conditioning", tooltip="Conditioning from the substitute (target) encoder."),
-                io.Combo.Input("mode", options=list(fixes.MODES), default=DEFAULT_MODE,
-                               tooltip="affine (default): match every dim's mean and std to the reference about "
-                                       "the means, guarded against dead dims -- the least destructive full fix. "
-                                       "none/rescale/mask/clamp/full: the original research's formulas (rescale "
-                                       "and clamp act about 0). mask_mean: outlier and dead dims set to the "
-                                       "reference mean. clamp_pct: map outlier dims, then clamp every dim to the "
-                                       "reference's p0.1..p99.9 range."),
+                io.Combo.Input("mode", options=[AUTO, *fixes.MODES, *LEARNED_MODES], default=AUTO,
+                               tooltip="auto = the table's recommended mode (measured on held-out prompts). "
+                                       "rescale/mask/clamp act about 0 (the original research's formulas)."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="0 = unchanged, 1 = fully fixed. For affine it is λ: the std ratio is "
                                        "applied as (σ_ref/σ_tgt)^λ and the mean moves by λ."),
@@ -107,11 +103,14 @@ class EmbeddingDimensionFix(io.ComfyNode):
         check_width(conditioning, table, "conditioning", node)
         warn_provenance(table, conditioning, token_scope, node)
         th = thresholds_for(table, outlier_ratio, hyper_mult, clamp_sigma)
-        plan = fixes.plan_fix(table, mode, strength, th)  # fallbacks (e.g. no percentiles) are logged
+        try:
+            apply = fix_function(table, mode, strength, th, token_scope)  # fallbacks are logged
+        except ValueError as e:
+            raise ValueError(f"{node}: {e}") from None
 
         def fix(t, _meta):
-            return fixes.apply_scoped(t, plan, token_scope)
+            return apply(t)
 
-        done = f"{mode} at strength {float(strength):g}, table {table.meta.target_model or 'target'} vs " \
+        done = f"{resolve_mode(table, mode)} at strength {float(strength):g}, table {table.meta.target_model or 'target'} vs " \
                f"{table.meta.reference_model or 'reference'}"
         return io.NodeOutput(cond_utils.map_tensors(conditioning, fix, set_keys={cond_utils.FIX_KEY: done}))

@@ -218,18 +218,18 @@ def test_fix_grid_workflow_compares_every_seed_mode_with_one_seed():
     for nid, node in api.items():
         by_class.setdefault(node["class_type"], []).append(nid)
     modes = [api[f]["inputs"]["mode"] for f in by_class["DimFixEmbeddingDimensionFix"]]
-    assert modes[:5] == ["none", "rescale", "mask", "clamp", "full"] and len(modes) == 6
+    assert modes == ["none", "rescale", "mask", "clamp", "full", "affine", "adapter"]
     assert all(api[f]["inputs"]["fix_table"][0] == by_class["DimFixDimensionAnalyzer"][0]
                for f in by_class["DimFixEmbeddingDimensionFix"])
     samplers = by_class["KSampler"]
-    assert len(samplers) == 7 and len({json.dumps(api[s]["inputs"]["seed"]) for s in samplers}) == 1
+    assert len(samplers) == 8 and len({json.dumps(api[s]["inputs"]["seed"]) for s in samplers}) == 1
     seed_src = api[api[samplers[0]]["inputs"]["seed"][0]]
     assert seed_src["class_type"] == "PrimitiveInt" and seed_src["inputs"]["value"] == 42
     (grid_id,) = by_class["DimFixComparisonGrid"]
     grid = api[grid_id]["inputs"]
     images = ["reference"] + [f"image_{k}" for k in range(1, 8) if f"image_{k}" in grid]
     labels = grid["labels"].split("\n")
-    assert len(labels) == len(images) == 7 and labels[0] == "Qwen3-4B (reference)"
+    assert len(labels) == len(images) == 8 and labels[0] == "Qwen3-4B (reference)"
     assert labels[1:] == [f"Fix: {m}" for m in modes]
     # every grid cell decodes a sampler whose positive comes from the label's fix mode
     for name, label in zip(images, labels):
@@ -294,7 +294,7 @@ def test_base_workflow_fixes_positive_and_negative_with_one_table():
     pos, neg = api[fixed[0]["positive"][0]], api[fixed[0]["negative"][0]]
     assert neg["class_type"] == "DimFixEmbeddingDimensionFix" and pos is not neg
     for fix, prompt in [(pos, "Prompt"), (neg, "Negative prompt")]:
-        assert fix["inputs"]["fix_table"] == [table, 0] and fix["inputs"]["mode"] == "affine"
+        assert fix["inputs"]["fix_table"] == [table, 0] and fix["inputs"]["mode"] == "auto"
         assert source(fix["inputs"]["conditioning"]) == ("DimFixQwen3EmbeddingLoader", prompt)
     encoded = [i for i in samplers if i is not fixed[0]]
     assert sorted(source(i["positive"])[0] for i in encoded) == ["CLIPLoader", "DimFixQwen3EmbeddingLoader"]

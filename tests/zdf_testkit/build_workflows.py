@@ -42,7 +42,8 @@ SHIFT = 3.0
 SIZE = 1024
 #: The original research's fix modes.
 ORIGIN_MODES = ("none", "rescale", "mask", "clamp", "full")
-BEST_MODE = "affine"
+BEST_MODE = "auto"  # the fix table's recommended mode, measured on held-out prompts
+GRID_MODES = (*ORIGIN_MODES, "affine", "adapter")
 NODE_IDS = {"loader": "DimFixQwen3EmbeddingLoader", "layers": "DimFixHiddenLayerSelect",
             "analyzer": "DimFixDimensionAnalyzer", "fix": "DimFixEmbeddingDimensionFix",
             "blend": "DimFixEmbeddingBlend", "grid": "DimFixComparisonGrid"}
@@ -191,7 +192,7 @@ def common_front(g: Graph, col: Column, dit: dict = DIT):
 # ------------------------------------------------------------------------------------------ workflows
 def fix_comparison_grid(specs: dict) -> Graph:
     g = new_graph(specs, "6a0d3c51-7c1e-4e52-9d33-2f7d0a9b1c01")
-    modes = [*ORIGIN_MODES, BEST_MODE]
+    modes = list(GRID_MODES)
     note(g, "# Fix comparison grid\n\nOne prompt, one seed: the image from the stock Qwen3-4B encoder (the "
             f"reference) and one image per fix mode of the substitute encoder ({SUBSTITUTE}), composed into a "
             "labelled grid.\n\n**Fix table.** The Dimension Analyzer measures reference vs substitute over the "
@@ -199,9 +200,10 @@ def fix_comparison_grid(specs: dict) -> Graph:
             "Embedding Dimension Fix. ComfyUI caches it: it re-runs only when an encoder or one of its widgets "
             "changes, not for a new prompt. To use a saved table instead, disconnect `fix_table` and pick the "
             "file in `table_file`.\n\n**Modes.** `none`, `rescale`, `mask`, `clamp`, `full` = the original "
-            f"research's formulas; `{BEST_MODE}` = the pack's recommended mode. All use token scope `content` "
-            "(the sink and chat-template tokens pass unchanged, as the table's statistics cover content tokens "
-            "only).\n\n" + SAMPLING_NOTE + "\n\n**Batch.** The API twin "
+            "research's formulas (`rescale`, `mask` and `clamp` act about 0); `affine` = per-dim moment matching "
+            "on the `content` tokens; `adapter` = the linear map the Analyzer fitted on token-aligned pairs. The "
+            "Analyzer's report compares every mode on held-out prompts and names the recommended one, which mode "
+            "`auto` uses.\n\n" + SAMPLING_NOTE + "\n\n**Batch.** The API twin "
             "`workflows/api/zimage_dimfix_fix_comparison_grid.json` runs over many prompts with `python -m "
             "dimfix.batch --prompt-node Prompt --prompt-input value --seed-node Seed --seed-input value ...`.",
          size=(NOTE_W, 1500))
