@@ -58,10 +58,16 @@ class RepairResult:
     counts: dict[str, int] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The learned modes' tensors for the fix table (see fix_tables/README.md)."""
+        """The learned modes' tensors for the fix table (see fix_tables/README.md): ``adapter`` always as
+        ``W``/``b`` (whatever its fit fell back to), ``adapter_lowrank`` only when it is a low-rank fit."""
         out: dict[str, torch.Tensor] = {}
-        for name, fit in self.fits.items():
-            out.update(fit.tensors(name))
+        full = self.fits.get("adapter")
+        if full is not None and full.kind != "identity":
+            w, b = full.affine()
+            out.update({"adapter_weight": w.float().contiguous(), "adapter_bias": b.float().contiguous()})
+        low = self.fits.get("adapter_lowrank")
+        if low is not None and low.kind == "lowrank":
+            out.update(low.tensors("adapter_lowrank"))
         if self.correction is not None:
             out.update(self.correction.tensors())
         return out
@@ -130,10 +136,10 @@ class RepairStudy:
         res = RepairResult(counts=dict(self.counts))
         res.shape_dims = shape_flags(self.ref_classes.scope(table.meta.token_scope),
                                      self.tgt_classes.scope(table.meta.token_scope)).flagged
-        if self.train.count:
+        if self.counts["train_tokens"]:
             res.mixed = mixed_dims(self.train).mixed
-            res.fits = fit_adapters(self.train, self.held if self.held.count else None, table.reference_mean,
-                                    table.reference_std, consume=True)
+            res.fits = fit_adapters(self.train, self.held if self.counts["held_tokens"] else None,
+                                    table.reference_mean, table.reference_std, consume=True)
         else:
             res.notes.append("no training prompt had token ids matching the reference's: no adapter was fitted")
         res.correction = class_corrections(self.ref_classes, self.tgt_classes, self.prefix, thresholds)
@@ -143,8 +149,9 @@ class RepairStudy:
             return res
         modes = {m: _table_mode(table, m, thresholds) for m in EVALUATED_MODES}
         modes["per_class"] = classwise_mode(res.correction)
-        for name, fit in res.fits.items():
-            modes[name] = adapter_mode(fit)
+        for name, fit in res.fits.items():  # only what the table stores (see RepairResult.tensors)
+            if fit.kind == ("lowrank" if name == "adapter_lowrank" else fit.kind) and fit.kind != "identity":
+                modes[name] = adapter_mode(fit)
         ev = ModeEvaluator(modes, table.reference_mean, table.reference_std, self.cap, thresholds)
         for x, y, labels in self.kept:
             ev.update(x, y, labels)

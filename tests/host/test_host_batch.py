@@ -142,6 +142,10 @@ def test_grid_on_two_servers_fetches_every_image_once(two_servers, tmp_path):
     assert [r.status for r in res] == ["ok"] * 4, [r.error for r in res]
     assert {r.server for r in res} == {s["url"] for s in servers}  # both servers worked
     assert all("wait_s" in r.timings for r in res)  # progress came over the real server's websocket
+    graph = json.loads(GRID.read_text(encoding="utf-8"))
+    save_id = next(k for k, v in graph.items() if v["class_type"] == "SaveImage")
+    decodes = sum(v["class_type"] == "VAEDecode" for v in graph.values())
+    assert decodes == 8  # the reference and seven fix modes
     expected, previews = collections.Counter(), 0
     for r in res:
         entry = next(c for c in clients if c.base_url == r.server).history(r.prompt_id)
@@ -150,9 +154,9 @@ def test_grid_on_two_servers_fetches_every_image_once(two_servers, tmp_path):
                 expected[(r.server, ref["filename"], ref["subfolder"], ref["type"])] += 1
             else:
                 previews += 1
-        # the grid of the SaveImage node, then one image per VAEDecode (reference + six fix modes)
-        assert r.files[0].endswith("_35_0.png") and len(r.files) == 8
-        assert len([f for f in r.files if "_dimfix-save-" in f]) == 7
+        # the grid of the SaveImage node, then one image per VAEDecode (the reference + one per fix mode)
+        assert r.files[0].endswith(f"_{save_id}_0.png") and len(r.files) == 1 + decodes
+        assert len([f for f in r.files if "_dimfix-save-" in f]) == decodes
         server = next(s for s in servers if s["url"] == r.server)
         for name in r.files:  # byte-identical to a file in the output folder of the server that ran it
             assert any(k[0] == r.server and (server["output"] / k[2] / k[1]).read_bytes() == (out / name).read_bytes()

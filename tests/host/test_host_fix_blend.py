@@ -68,7 +68,8 @@ def test_schema_has_descriptions_and_tooltips(pack, node_id, name):
 def test_fix_mode_options_and_default(pack, nodes):
     info = nodes[0].GET_NODE_INFO_V1()
     mode = info["input"]["required"]["mode"]
-    assert list(mode[1]["options"]) == list(pack.core.fixes.MODES) and mode[1]["default"] == "affine"
+    expected = ["auto", *pack.core.fixes.MODES, "per_class", "adapter", "adapter_lowrank"]
+    assert list(mode[1]["options"]) == expected and mode[1]["default"] == "auto"
     assert info["input"]["required"]["table_file"][1]["options"][0] == "none"
 
 

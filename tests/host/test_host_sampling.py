@@ -316,3 +316,44 @@ def test_source_recorded_from_loader_to_fix(comfy, pack, stack, fix_table, tiny,
     rec = Recorder()
     z = sample(comfy, stack[0], once, recorder=rec)
     assert torch.isfinite(z).all() and all(c["mask"] is None for c in rec.calls)
+
+
+# ------------------------------------------------------------------------------------------- learned modes
+STUDY_PROMPTS = [f"{a} {b}" for a in ("a red", "an old", "a tiny", "a glass", "a wooden", "a neon")
+                 for b in ("fox in the snow", "lighthouse at dusk", "teapot on a table", "bicycle in the rain",
+                       "castle on a hill")]
+
+
+@pytest.fixture(scope="module")
+def learned_table(pack, stack):
+    model, clip, sub, _ = stack
+    out = run_node(pack.nodes[ANALYZER_ID], reference=clip, target=sub, prompts="\n".join(STUDY_PROMPTS), model=model)
+    return out.args[0], out.args[1]
+
+
+def test_analyzer_table_carries_learned_modes_and_a_recommendation(pack, learned_table):
+    table, report = learned_table
+    core = pack.core
+    assert "## Repair modes on held-out prompts" in report and f"`{table.meta.recommended_mode}`" in report
+    assert table.meta.recommended_mode in (*core.fixes.MODES, *core.repair.LEARNED_MODES)
+    d = tz.CAP_FEAT_DIM
+    assert table.extras["adapter_weight"].shape == (d, d) and table.extras["class_scale"].shape == (4, d)
+    assert table.extras["adapter_lowrank_u"].shape[0] == d
+    for mode in ("adapter", "per_class", "none", "affine"):
+        assert f"| {mode} |" in report or f"| **{mode}** |" in report
+
+
+@pytest.mark.parametrize("mode", ["auto", "adapter", "adapter_lowrank", "per_class"])
+def test_learned_modes_through_fix_sample(comfy, pack, stack, learned_table, mode):
+    table, _ = learned_table
+    model, _, sub, _ = stack
+    raw = encode(comfy, sub)
+    cond = run_node(pack.nodes[FIX_ID], conditioning=raw, mode=mode, strength=1.0, token_scope="content",
+                    fix_table=table).args[0]
+    assert_all_ones_masks(cond)
+    expected = pack.core.repair.fix_function(table, mode, 1.0, table.meta.thresholds, "content")(raw[0][0])
+    assert torch.equal(cond[0][0], expected) and not torch.equal(cond[0][0], raw[0][0])
+    assert raw[0][0].data_ptr() != cond[0][0].data_ptr()
+    rec = Recorder()
+    z = sample(comfy, model, cond, recorder=rec)
+    assert torch.isfinite(z).all() and all(c["mask"] is None for c in rec.calls)
