@@ -55,6 +55,17 @@ class Qwen3EmbeddingLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model_name: str) -> bool | str:
+        """Replaces the generic "value not in list" check with what to download and where."""
+        dirs = host.text_encoder_dirs()
+        if model_name in list_model_entries(dirs):
+            return True
+        return (f"{NODE}: {model_name!r} is not in models/text_encoders ({', '.join(dirs)}). Put the model there: a "
+                ".safetensors file, or the whole Hugging Face folder (config.json, model*.safetensors and the index), "
+                "e.g. huggingface-cli download Qwen/Qwen3-Embedding-4B --local-dir "
+                "models/text_encoders/Qwen3-Embedding-4B; then press R to refresh and pick it")
+
+    @classmethod
     def fingerprint_inputs(cls, model_name: str, dtype: str = "default", append_eos: bool = False,
                            analysis_only: bool = False) -> str:
         try:

@@ -91,6 +91,8 @@ def test_missing_models_are_reported_by_name(registered):
     text = json.dumps(node_errors)
     for name in ("z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors", "Qwen3-Embedding-4B"):
         assert name in text
+    # the substitute (an HF folder no frontend lists as a missing model): the error says what to get and where
+    assert "is not in models/text_encoders" in text and "huggingface-cli download Qwen/Qwen3-Embedding-4B" in text
 
 
 def test_wrong_link_type_is_rejected(registered):
