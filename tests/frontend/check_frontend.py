@@ -40,8 +40,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 PACK = "zimage-dimfix"
-PACK_FILES = ("__init__.py", "pyproject.toml", "requirements.txt", "nodes", "dimfix", "fix_tables", "workflows",
-              "web", "locales")
 NODE_IDS = ("DimFixQwen3EmbeddingLoader", "DimFixHiddenLayerSelect", "DimFixDimensionAnalyzer",
             "DimFixEmbeddingDimensionFix", "DimFixEmbeddingBlend", "DimFixComparisonGrid")
 SUBSTITUTE = "Qwen3-Embedding-4B"
@@ -68,14 +66,9 @@ def free_port() -> int:
 
 
 def start_server(comfy: Path, base: Path, python: str) -> tuple[subprocess.Popen, str, Path]:
-    pack = base / "custom_nodes" / PACK
-    pack.mkdir(parents=True)
-    for name in PACK_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, pack / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif src.is_file():
-            shutil.copyfile(src, pack / name)
+    from zdf_testkit.live_comfy import install_pack
+
+    install_pack(base / "custom_nodes", PACK)
     (base / "models").mkdir()
     port = free_port()
     log_path = base / "server.log"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,12 +21,12 @@ import pytest
 
 from zdf_testkit import tiny_zimage as tz
 from zdf_testkit.host_env import server_env
+from zdf_testkit.live_comfy import install_pack
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = ROOT / "workflows" / "api" / "zimage_dimfix_fix_comparison_grid.json"
-PACK_ITEMS = ("__init__.py", "pyproject.toml", "nodes", "dimfix", "fix_tables", "workflows")
 PROMPTS = ["a red bicycle", "a bowl of soup", "a snowy cabin", "an orange kite"]
 TINY_INPUTS = {"UNETLoader": ("unet_name", "dit"), "CLIPLoader": ("clip_name", "te"),
                "VAELoader": ("vae_name", "vae"), "DimFixQwen3EmbeddingLoader": ("model_name", "substitute")}
@@ -87,14 +86,7 @@ def _wait_ready(server: dict, deadline: float) -> None:
 @pytest.fixture(scope="module")
 def two_servers(tmp_path_factory):
     base = tmp_path_factory.mktemp("batch_base")
-    pack = base / "custom_nodes" / "zimage-dimfix"
-    pack.mkdir(parents=True)
-    for item in PACK_ITEMS:
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, pack / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copyfile(src, pack / item)
+    install_pack(base / "custom_nodes")
     tz.install_test_patch_node(base / "custom_nodes")
     models = tz.write_tiny_models(base / "models")
     (base / "frontend").mkdir()

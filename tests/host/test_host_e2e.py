@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,13 +24,12 @@ from PIL import Image
 from zdf_testkit import tiny_zimage as tz
 from zdf_testkit.build_workflows import UI_NAMES
 from zdf_testkit.host_env import server_env
+from zdf_testkit.live_comfy import PACK_FOLDER, install_pack
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 API = ROOT / "workflows" / "api"
-PACK_FOLDER = "zimage-dimfix"
-PACK_FILES = ("__init__.py", "pyproject.toml", "requirements.txt", "nodes", "dimfix", "fix_tables", "workflows")
 SIZE, STEPS = 64, 2
 CAL_PROMPTS = "a red fox in the snow\nan old lighthouse at dusk\nmacro photo of a dew drop\na busy street market"
 PROMPTS = ["A cat sleeping in sunlight", "A mountain landscape at sunset"]
@@ -71,14 +69,7 @@ def server(tmp_path_factory):
     """A ComfyUI server on a free port; yields (url, base, models, log path); stopped afterwards."""
     base = tmp_path_factory.mktemp("e2e_base")
     custom = base / "custom_nodes"
-    pack = custom / PACK_FOLDER
-    pack.mkdir(parents=True)
-    for name in PACK_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, pack / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif src.is_file():
-            shutil.copyfile(src, pack / name)
+    install_pack(custom, PACK_FOLDER)
     tz.install_test_patch_node(custom)
     models = tz.write_tiny_models(base / "models")
     front = base / "frontend"
@@ -130,6 +121,10 @@ def test_pack_and_patch_node_import_and_templates_are_served(server):
     name = UI_NAMES["zimage_dimfix_blend"]
     served = server["client"]._json("GET", f"/api/workflow_templates/{PACK_FOLDER}/{quote(name)}.json")
     assert served == json.loads((ROOT / "workflows" / f"{name}.json").read_text(encoding="utf-8"))
+    # WEB_DIRECTORY: the Analyzer's report preview and the help pages reach the frontend
+    for path in ("js/dimfix_report.js", "docs/DimFixDimensionAnalyzer.md", "docs/DimFixDimensionAnalyzer/zh.md"):
+        status, body = server["client"]._request("GET", f"/extensions/{PACK_FOLDER}/{path}")
+        assert status == 200 and body == (ROOT / "web" / path).read_bytes(), path
 
 
 def test_fix_grid_workflow_over_two_prompts(server, tmp_path):

@@ -12,7 +12,26 @@ from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[2]
 PACK_MODULE = "custom_nodes_x_zimage_dimfix"
+PACK_FOLDER = "zimage-dimfix"
+#: What a user's clone of the pack holds that ComfyUI reads (code, workflows, tables, web files, locales).
+PACK_FILES = ("__init__.py", "pyproject.toml", "requirements.txt", "nodes", "dimfix", "fix_tables", "workflows",
+              "web", "locales")
 _EXTRAS_LOADED: list[bool] = []
+
+
+def install_pack(custom_nodes: Path, name: str = PACK_FOLDER) -> Path:
+    """Copy the pack as a user would have it into ``custom_nodes/name`` (no caches); returns the folder."""
+    import shutil
+
+    pack = Path(custom_nodes) / name
+    pack.mkdir(parents=True)
+    for item in PACK_FILES:
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, pack / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.is_file():
+            shutil.copyfile(src, pack / item)
+    return pack
 
 
 def ensure_extra_nodes(nodes) -> None:
