@@ -31,7 +31,7 @@ Modules (import the ones you need; ``plots`` imports matplotlib lazily):
 """
 
 __all__ = [
-    "adapter", "analysis", "batch", "blend", "checkpoint", "compare", "conditioning", "config", "corpus", "diagnostics", "dit",
-    "evaluate", "fixes", "fixtable", "grid", "layers", "pairs", "perclass", "plots", "repair", "report", "result", "rules", "safetensors_header", "stats",
-    "tokens",
+    "adapter", "analysis", "batch", "blend", "checkpoint", "compare", "conditioning", "config", "corpus",
+    "diagnostics", "dit", "evaluate", "fixes", "fixtable", "grid", "layers", "pairs", "perclass", "plots", "repair",
+    "report", "result", "rules", "safetensors_header", "stats", "tokens",
 ]

@@ -232,7 +232,8 @@ class CorpusAnalysis:
         cap = dit_mod.CapEmbedder.from_weights(gain, weight, bias, eps)
         if cap.in_dim != self.dim:
             raise ValueError(f"the caption embedder (input 'model') takes {cap.in_dim}-dim caption features but the "
-                             f"encoders have {self.dim} dims (connect the Z-Image model this text encoder is meant for)")
+                             f"encoders have {self.dim} dims (connect the Z-Image model this text encoder is meant "
+                             "for)")
         if self._prompts:
             self._notes.append("DiT weights were set after the first prompt: the caption-space cosine covers "
                                "only later prompts")

@@ -283,10 +283,18 @@ def _check_dtypes(path: Path, header: dict[str, Any]) -> None:
                 "the Dimension Analyzer accepts that CLIP -- or use a bf16 copy of the model here.")
 
 
+#: Elements checked at a time (the check's temporary is one bool per element of a chunk, not of a tensor).
+_FINITE_CHUNK = 1 << 24
+
+
 def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
+        if not t.is_floating_point():
+            continue
+        flat = t.reshape(-1)
+        chunks = (flat[i:i + _FINITE_CHUNK] for i in range(0, flat.numel(), _FINITE_CHUNK))
+        bad = sum(int((~torch.isfinite(c)).sum()) for c in chunks)
+        if bad:
             raise CheckpointError(f"{path}: tensor {key!r} has {bad} NaN/Inf values of {t.numel()}; the file is "
                                   "corrupt or was saved after a failed conversion. Download or convert it again.")
 

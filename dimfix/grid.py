@@ -14,8 +14,8 @@ Images of different sizes: with ``fit="pad"`` (default) each image keeps its pix
 its cell on white; with ``fit="resize"`` it is scaled (aspect kept, Lanczos) to fit the cell, then
 centred. Text is drawn inside its own band only (never over images); long text wraps at spaces, then
 shrinks, then is cut with an ellipsis. Font sizes scale with the cell width (16 / 20 px at 1024 px,
-as in the original; ∝ √width down to 8 / 10 px for cells ≤ 256 px). Fonts: DejaVu Sans bundled with matplotlib when it is
-installed, else Pillow's default font.
+as in the original; ∝ √width down to 8 / 10 px for cells ≤ 256 px). Fonts: DejaVu Sans bundled with
+matplotlib when it is installed, else Pillow's default font.
 """
 
 from __future__ import annotations

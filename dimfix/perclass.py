@@ -34,7 +34,8 @@ _F64 = torch.float64
 #: Largest relative spread (max - min over prompts, / RMS of the vector) of a "constant" position.
 PREFIX_TOL = 1e-2
 
-__all__ = ["ClassedStats", "ClassCorrection", "PrefixStats", "moment_match", "class_corrections", "apply_classwise", "PREFIX_TOL"]
+__all__ = ["ClassedStats", "ClassCorrection", "PrefixStats", "moment_match", "class_corrections", "apply_classwise",
+           "PREFIX_TOL"]
 
 
 class ClassedStats:

@@ -337,8 +337,8 @@ def analysis_figures(result: Any) -> list[np.ndarray]:
     ]
     if result.is_sweep:
         std = np.stack([_vector(result.results[k].comparison.sigma_tgt, "sigma_tgt") for k in result.layers])
-        images.append(layer_heatmap(std, [str(k) for k in result.layers],
-                                    title=f"Target per-dimension σ by layer (log10(σ + 1)), {result.token_scope} tokens"))
+        title = f"Target per-dimension σ by layer (log10(σ + 1)), {result.token_scope} tokens"
+        images.append(layer_heatmap(std, [str(k) for k in result.layers], title=title))
     return images
 
 

@@ -111,6 +111,7 @@ class EmbeddingDimensionFix(io.ComfyNode):
         def fix(t, _meta):
             return apply(t)
 
-        done = f"{resolve_mode(table, mode)} at strength {float(strength):g}, table {table.meta.target_model or 'target'} vs " \
+        done = f"{resolve_mode(table, mode)} at strength {float(strength):g}, table " \
+               f"{table.meta.target_model or 'target'} vs " \
                f"{table.meta.reference_model or 'reference'}"
         return io.NodeOutput(cond_utils.map_tensors(conditioning, fix, set_keys={cond_utils.FIX_KEY: done}))
