@@ -11,8 +11,8 @@ and ``y``, the centred cross-moment matrices ``Cxx = Σ w (x-x̄)(x-x̄)ᵀ`` an
 metric factor ``A`` (``[k, D]``) is given, ``qyy = Σ w |A (y-ȳ)|²``. Each update is centred about its
 own mean and merged by the exact pairwise (Chan et al.) formulas (updates are buffered up to
 :data:`BUFFER_ROWS` rows and merged together: the sums do not depend on how rows are grouped), so dims
-with mean ≈ 925 and σ ≈ 2750 next to σ ≈ 0.01 stay accurate. No token matrix is kept: memory is ``2·D²·8`` bytes
-(52 MB each at D = 2560).
+with mean ≈ 925 and σ ≈ 2750 next to σ ≈ 0.01 stay accurate. No token matrix is kept: memory is
+``2·D²·8`` bytes (52 MB each at D = 2560).
 """
 
 from __future__ import annotations
