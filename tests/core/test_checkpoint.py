@@ -346,3 +346,16 @@ def test_qwen3vl_layout_is_named(tmp_path, tiny):
     vl = {"model.language_model." + k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
     with pytest.raises(ck.CheckpointError, match="a Qwen3-VL checkpoint .*Hidden Layer Select"):
         ck.read_qwen3_checkpoint(save_single_file(vl, tmp_path / "vl.safetensors"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_non_finite_detection_per_dtype_against_isfinite(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5000, generator=g) * 1e3).to(dtype)
+    assert not ck._has_non_finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf"), -float("nan")):
+        y = x.clone()
+        y[4321] = bad
+        assert ck._has_non_finite(y) == (not bool(torch.isfinite(y).all())) == True  # noqa: E712
+    big = torch.full((10,), torch.finfo(dtype).max, dtype=dtype)  # the largest finite values stay finite
+    assert not ck._has_non_finite(big) and not ck._has_non_finite(-big)
