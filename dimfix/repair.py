@@ -15,6 +15,7 @@ mode of a table — including ``auto``, the table's recommendation — to a ``[B
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -74,7 +75,7 @@ class RepairResult:
 
     def extend(self, table: FixTable) -> FixTable:
         """A new table with the learned tensors and the recommendation (the input table is unchanged)."""
-        meta = type(table.meta)(**{**table.meta.__dict__, "recommended_mode": self.recommended})
+        meta = dataclasses.replace(table.meta, recommended_mode=self.recommended)
         return FixTable(table.reference_mean, table.reference_std, table.target_mean, table.target_std,
                         extras={**table.extras, **self.tensors()}, meta=meta)
 

@@ -262,9 +262,10 @@ def _encoder_analysis(reference, target, prompts: str, layer: int, reference_lay
         if an is None:
             an = CorpusAnalysis(r.shape[-1], layers=lp.labels, thresholds=thresholds, token_scope=token_scope,
                                 primary_layers=[lp.primary], reference_layer=lp.reference_layer)
-            cap = None if model is None else CapEmbedder.from_weights(*_cap_weights(model))
-            if cap is not None:
-                an.set_dit(*_cap_weights(model))
+            weights = _cap_weights(model)  # read once: the analysis and the repair study share them
+            cap = None if weights is None else CapEmbedder.from_weights(*weights)
+            if weights is not None:
+                an.set_dit(*weights)
             study = RepairStudy(r.shape[-1], cap)
         r_lab, t_lab = _labels(r_ids, r.shape[1]), _labels(t_ids, t.shape[1])
         an.add_prompt(r, t, r_lab, t_lab, prompt=prompt, ref_ids=r_ids, tgt_ids=t_ids)
