@@ -244,7 +244,8 @@ class CorpusAnalysis:
         return self._prompts
 
     # ------------------------------------------------------------------ per prompt
-    def _check(self, hidden: torch.Tensor, labels: torch.Tensor, ids: Sequence[int] | None, name: str) -> torch.Tensor:
+    def _check(self, hidden: torch.Tensor, labels: torch.Tensor, ids: Sequence[int] | None, name: str,
+               num: int) -> torch.Tensor:
         if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
             raise TypeError(f"add_prompt: {name}_hidden must be a floating-point tensor, got "
                             f"{type(hidden).__name__ if not isinstance(hidden, torch.Tensor) else hidden.dtype}")
@@ -272,7 +273,7 @@ class CorpusAnalysis:
             raise ValueError(f"add_prompt: {name}_ids has {len(ids)} entries for {hidden.shape[1]} tokens")
         bad = int((~torch.isfinite(hidden)).sum())
         if bad:
-            raise ValueError(f"add_prompt: {name}_hidden of prompt #{self._prompts} contains {bad} NaN/Inf value(s) "
+            raise ValueError(f"add_prompt: {name}_hidden of prompt #{num} contains {bad} NaN/Inf value(s) "
                              "(fp16 overflow? encode in bf16 or fp32); nothing from this prompt was recorded")
         return hidden.detach().cpu()  # a no-op for CPU tensors; all statistics live on the CPU
 
@@ -303,17 +304,19 @@ class CorpusAnalysis:
 
     def add_prompt(self, ref_hidden: torch.Tensor, tgt_hidden: torch.Tensor, ref_labels: torch.Tensor,
                    tgt_labels: torch.Tensor, prompt: str | None = None, ref_ids: Sequence[int] | None = None,
-                   tgt_ids: Sequence[int] | None = None) -> None:
+                   tgt_ids: Sequence[int] | None = None, index: int | None = None) -> None:
         """Accumulate one prompt (``[T, D]`` or ``[L, T, D]`` hidden states; never modified or kept).
 
-        ``*_labels``: int64 ``[T]`` token classes; ``*_ids``: token ids when known (for alignment).
+        ``*_labels``: int64 ``[T]`` token classes; ``*_ids``: token ids when known (for alignment);
+        ``index``: the prompt's number in the corpus (default: the order of arrival), used in notes and reports.
         Inputs are validated first: on an error (shapes, labels, NaN/Inf) nothing of the prompt is recorded.
         """
-        ref_own = self._check(ref_hidden, ref_labels, ref_ids, "ref")
-        tgt = self._check(tgt_hidden, tgt_labels, tgt_ids, "tgt")
+        num = self._prompts if index is None else int(index)
+        ref_own = self._check(ref_hidden, ref_labels, ref_ids, "ref", num)
+        tgt = self._check(tgt_hidden, tgt_labels, tgt_ids, "tgt", num)
         # the reference as paired with each target layer: [L, T, D] (a broadcast view for a fixed layer)
         ref = ref_own.expand(len(self.layers), -1, -1) if self.reference_layer is not None else ref_own
-        where = f"prompt #{self._prompts}" + (f" {short(prompt)!r}" if prompt else "")
+        where = f"prompt #{num}" + (f" {short(prompt)!r}" if prompt else "")
         notes: list[str] = []
         m_ref, m_tgt = scope_mask(ref_labels, self.token_scope), scope_mask(tgt_labels, self.token_scope)
         flags = None
@@ -340,7 +343,7 @@ class CorpusAnalysis:
         self._cap.add(cap)
         first = cos[self._sides["tgt"].primary_index[0]]
         first = first[torch.isfinite(first)]
-        self._prompt_cos.append((self._prompts, prompt or "", float(first.mean()) if first.numel() else math.nan))
+        self._prompt_cos.append((num, prompt or "", float(first.mean()) if first.numel() else math.nan))
         self._notes.extend(notes)
         self._prompts += 1
 
@@ -403,7 +406,7 @@ class CorpusAnalysis:
             layers=list(self.layers), results=results, report_layer=self.primary[0], token_scope=self.token_scope,
             thresholds=self.thresholds, prompt_count=self._prompts,
             class_counts={"reference": self._sides["ref"].counts(), "target": self._sides["tgt"].counts()},
-            warnings=self._warnings(results[self.primary[0]], flags), prompt_cosines=list(self._prompt_cos),
+            warnings=self._warnings(results[self.primary[0]], flags), prompt_cosines=sorted(self._prompt_cos),
             reference_model=str(reference_model), target_model=str(target_model),
             dit_eps=None if self._dit is None else self._dit.eps, reference_layer=self.reference_layer)
 

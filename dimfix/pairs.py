@@ -25,11 +25,11 @@ import torch
 from .tokens import ENDOFTEXT
 
 _F64 = torch.float64
-CHUNK_ROWS = 4096
 #: Rows buffered across updates before one merge (larger matrix products: ~1.5× faster at D = 2560).
 BUFFER_ROWS = 512
+_DIAG_ROWS = 64
 
-__all__ = ["PairSums", "align_token_ids", "is_heldout", "rmsnorm_weights"]
+__all__ = ["PairSums", "align_token_ids", "check_pairs", "is_heldout", "rmsnorm_weights"]
 
 
 def align_token_ids(ids_tgt: Sequence[int], ids_ref: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -65,12 +65,31 @@ def rmsnorm_weights(y: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return 1.0 / ((y64 * y64).mean(-1) + float(eps))
 
 
-def _tokens64(t: torch.Tensor, name: str, dim: int) -> torch.Tensor:
+def _tokens64(t: torch.Tensor, name: str, dim: int, where: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise TypeError(f"PairSums.update: {name} must be a floating-point tensor [T, D]")
+        raise TypeError(f"{where}: {name} must be a floating-point tensor [T, D]")
     if t.dim() < 1 or t.shape[-1] != dim:
-        raise ValueError(f"PairSums.update: {name} must have shape [..., {dim}], got {tuple(t.shape)}")
+        raise ValueError(f"{where}: {name} must have shape [..., {dim}], got {tuple(t.shape)}")
     return t.detach().reshape(-1, dim)
+
+
+def check_pairs(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, dim: int,
+                where: str = "PairSums.update") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated float64 CPU ``(x [T, D], y [T, D], weight [T])`` of aligned pairs (possibly views of the
+    inputs; weight 1 when None). Wrong shapes, weights ≤ 0 and NaN/inf raise ``ValueError`` naming ``where``."""
+    xs, ys = _tokens64(x, "x", dim, where), _tokens64(y, "y", dim, where)
+    if xs.shape != ys.shape:
+        raise ValueError(f"{where}: x and y must hold the same tokens, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if weight is None:
+        w = torch.ones(xs.shape[0], dtype=_F64)
+    else:
+        w = torch.as_tensor(weight).detach().to("cpu", _F64).reshape(-1)
+        if w.numel() != xs.shape[0] or not bool((w > 0).all()) or not bool(torch.isfinite(w).all()):
+            raise ValueError(f"{where}: weight must hold {xs.shape[0]} finite values > 0")
+    x64, y64 = xs.to("cpu", _F64), ys.to("cpu", _F64)
+    if not (torch.isfinite(x64).all() and torch.isfinite(y64).all()):
+        raise ValueError(f"{where}: x or y contains NaN or infinite values (fp16 overflow? encode in bf16/fp32)")
+    return x64, y64, w
 
 
 class PairSums:
@@ -104,7 +123,7 @@ class PairSums:
                 raise ValueError(f"PairSums: metric_factor must be [k, {self.dim}], got {tuple(a.shape)}")
             self.metric_factor = a
         self.qyy = 0.0
-        self._buf: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._buf: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._buf_rows = 0
 
     def update(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> None:
@@ -112,53 +131,39 @@ class PairSums:
 
         ``weight`` (``x.shape[:-1]``, > 0) weights each pair (default 1). NaN/inf raise ``ValueError``.
         """
-        xs, ys = _tokens64(x, "x", self.dim), _tokens64(y, "y", self.dim)
-        if xs.shape != ys.shape:
-            raise ValueError(f"PairSums.update: x and y must hold the same tokens, got {tuple(x.shape)} "
-                             f"and {tuple(y.shape)}")
-        w = None
-        if weight is not None:
-            w = torch.as_tensor(weight).detach().to("cpu", _F64).reshape(-1)
-            if w.numel() != xs.shape[0] or not bool((w > 0).all()) or not bool(torch.isfinite(w).all()):
-                raise ValueError(f"PairSums.update: weight must hold {xs.shape[0]} finite values > 0")
-        if xs.shape[0] == 0:
-            return
-        x64, y64 = xs.to("cpu", _F64), ys.to("cpu", _F64)
-        if not (torch.isfinite(x64).all() and torch.isfinite(y64).all()):
-            raise ValueError("PairSums.update: x or y contains NaN or infinite values "
-                             "(fp16 overflow? encode in bf16/fp32)")
-        if x64.data_ptr() == xs.data_ptr():
-            x64 = x64.clone()  # buffered: never keep a view of the caller's tensor
-        if y64.data_ptr() == ys.data_ptr():
-            y64 = y64.clone()
-        self._buf.append((x64, y64, torch.ones(x64.shape[0], dtype=_F64) if w is None else w))
-        self._buf_rows += x64.shape[0]
-        if self._buf_rows >= BUFFER_ROWS:
-            self.flush()
+        x64, y64, w = check_pairs(x, y, weight, self.dim)
+        start, rows = 0, x64.shape[0]
+        while start < rows:  # copied into the float64 buffer: never a view of the caller's tensor
+            if self._buf is None:
+                self._buf = tuple(torch.empty((BUFFER_ROWS, self.dim), dtype=_F64) for _ in range(2)) + (
+                    torch.empty(BUFFER_ROWS, dtype=_F64),)
+            k = min(rows - start, BUFFER_ROWS - self._buf_rows)
+            for dst, src in zip(self._buf, (x64, y64, w)):
+                dst[self._buf_rows:self._buf_rows + k] = src[start:start + k]
+            self._buf_rows += k
+            start += k
+            if self._buf_rows == BUFFER_ROWS:
+                self.flush()
 
     def flush(self) -> "PairSums":
         """Fold the buffered rows into the sums (every reader below calls it; call it before reading
         the fields directly). Returns ``self``."""
-        if not self._buf:
-            return self
-        xs = torch.cat([b[0] for b in self._buf])
-        ys = torch.cat([b[1] for b in self._buf])
-        ws = torch.cat([b[2] for b in self._buf])
-        self._buf, self._buf_rows = [], 0
-        for start in range(0, xs.shape[0], CHUNK_ROWS):
-            sl = slice(start, start + CHUNK_ROWS)
-            self._add_chunk(xs[sl], ys[sl], ws[sl])
+        if self._buf is not None and self._buf_rows:
+            n = self._buf_rows
+            self._add_chunk(*(b[:n] for b in self._buf))
+        self._buf, self._buf_rows = None, 0  # the buffer is freed between fills (peak memory)
         return self
 
     def _add_chunk(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> None:
+        """Merge rows of the private buffer (centred in place)."""
         nb = float(w.sum())
         mx, my = (w @ x) / nb, (w @ y) / nb
-        xc, yc = x - mx, y - my
-        cx, cy = (w @ xc) / nb, (w @ yc) / nb  # compensation: makes Σ w·xc ≈ 0 to rounding
+        x.sub_(mx)
+        y.sub_(my)
+        cx, cy = (w @ x) / nb, (w @ y) / nb  # compensation: makes Σ w·xc ≈ 0 to rounding
         mx, my = mx + cx, my + cy
-        xc.sub_(cx)
-        yc.sub_(cy)
-        xw = xc * w[:, None]
+        xc, yc = x.sub_(cx), y.sub_(cy)
+        xw = xc if bool((w == 1).all()) else xc * w[:, None]
         na = self.n
         tot = na + nb
         f = na * nb / tot
@@ -166,9 +171,14 @@ class PairSums:
         if self.full:
             self.cxx.addmm_(xc.T, xw).addr_(dx, dx, alpha=f)
             self.cxy.addmm_(xw.T, yc).addr_(dx, dy, alpha=f)
-        self.dxx += (xw * xc).sum(0) + f * dx * dx
-        self.dxy += (xw * yc).sum(0) + f * dx * dy
-        self.dyy += ((yc * yc) * w[:, None]).sum(0) + f * dy * dy
+        for i in range(0, xc.shape[0], _DIAG_ROWS):  # per-dim sums without a [T, D] temporary
+            sl = slice(i, i + _DIAG_ROWS)
+            self.dxx += (xw[sl] * xc[sl]).sum(0)
+            self.dxy += (xw[sl] * yc[sl]).sum(0)
+            self.dyy += w[sl] @ yc[sl].square()
+        self.dxx += f * dx * dx
+        self.dxy += f * dx * dy
+        self.dyy += f * dy * dy
         if self.metric_factor is not None:
             z = yc @ self.metric_factor.T
             self.qyy += float(((z * z).sum(1) * w).sum()) + f * float((self.metric_factor @ dy).square().sum())

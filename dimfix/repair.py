@@ -2,11 +2,12 @@
 
 Per prompt (one layer pair, token ids known) :class:`RepairStudy` accumulates, in float64 and without keeping
 token matrices for training prompts: per-token-class statistics of both encoders, the reference's prefix
-positions, and token-aligned pair sums — for training prompts (the deterministic split of
-:func:`dimfix.pairs.is_heldout`) and held-out ones. Held-out aligned tokens are also kept (float32, at most
-:data:`HELDOUT_TOKENS_MAX`) to evaluate every mode once the learned ones are fitted.
+positions, and the token-aligned pairs of the adapter fit (:class:`dimfix.adapter.AdapterFitter`) — training
+prompts (the deterministic split of :func:`dimfix.pairs.is_heldout`) first, then held-out ones: feed the prompts
+in :func:`study_order`. Held-out aligned tokens are also kept (float32, at most :data:`HELDOUT_TOKENS_MAX`) to
+evaluate every mode once the learned ones are fitted.
 
-:meth:`RepairStudy.finish` fits ``adapter`` / ``adapter_lowrank`` (:func:`dimfix.adapter.fit_adapters`) and the
+:meth:`RepairStudy.finish` fits ``adapter`` / ``adapter_lowrank`` (in the training pairs' reference-σ units) and the
 per-class correction, evaluates the per-dim modes of the fix table (applied as the Fix node applies them: to
 the table's token scope), ``per_class`` and the adapters on the held-out tokens (standardised and caption-space
 cosine next to the seeds' four numbers), and recommends the best passing mode. :func:`fix_function` applies any
@@ -23,13 +24,13 @@ from typing import Callable, Sequence
 import torch
 
 from . import fixes
-from .adapter import AdapterFit, apply_affine, apply_lowrank, fit_adapters
+from .adapter import AdapterFit, AdapterFitter, apply_affine, apply_lowrank
 from .config import Thresholds
 from .diagnostics import mixed_dims, shape_flags
 from .dit import CapEmbedder
 from .evaluate import ModeEvaluator, ModeResult, adapter_mode, classwise_mode, results_markdown
 from .fixtable import FixTable
-from .pairs import PairSums, align_token_ids, is_heldout
+from .pairs import align_token_ids, is_heldout
 from .perclass import ClassCorrection, ClassedStats, PrefixStats, class_corrections
 from .tokens import classify_positions, scope_mask
 
@@ -109,7 +110,7 @@ class RepairStudy:
 
     def __init__(self, dim: int, cap: CapEmbedder | None = None, heldout_fraction: float = 0.2) -> None:
         self.dim, self.cap, self.fraction = int(dim), cap, float(heldout_fraction)
-        self.train, self.held = PairSums(self.dim), PairSums(self.dim)
+        self.fitter = AdapterFitter(self.dim)
         self.ref_classes, self.tgt_classes = ClassedStats(self.dim), ClassedStats(self.dim)
         self.prefix = PrefixStats(self.dim)
         self.kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -117,7 +118,12 @@ class RepairStudy:
 
     def add_prompt(self, prompt: str, ref: torch.Tensor, tgt: torch.Tensor, ref_ids: Sequence[int] | None,
                    tgt_ids: Sequence[int] | None, ref_labels: torch.Tensor, tgt_labels: torch.Tensor) -> None:
-        """One prompt's hidden states ``[T, D]`` at the studied layers (never modified or kept)."""
+        """One prompt's hidden states ``[T, D]`` at the studied layers (never modified or kept). Training prompts
+        must all come before the held-out ones (:func:`study_order`); otherwise ``ValueError``, nothing recorded."""
+        side = "held" if is_heldout(prompt, self.fraction) else "train"
+        if side == "train" and self.fitter.stage != "train":
+            raise ValueError(f"RepairStudy: training prompt {prompt[:40]!r} after held-out prompts; feed the prompts "
+                             "in dimfix.repair.study_order(prompts) (training prompts first)")
         self.ref_classes.update(ref, ref_labels)
         self.tgt_classes.update(tgt, tgt_labels)
         self.prefix.update(ref)
@@ -126,8 +132,7 @@ class RepairStudy:
             self.counts["skipped"] += 1
             return
         x, y = tgt[pair[0]], ref[pair[1]]
-        side = "held" if is_heldout(prompt, self.fraction) else "train"
-        (self.held if side == "held" else self.train).update(x, y)
+        (self.fitter.add_heldout if side == "held" else self.fitter.add_train)(x, y)
         self.counts[f"{side}_prompts"] += 1
         self.counts[f"{side}_tokens"] += int(x.shape[0])
         if side == "held" and sum(k[0].shape[0] for k in self.kept) + x.shape[0] <= HELDOUT_TOKENS_MAX:
@@ -138,9 +143,8 @@ class RepairStudy:
         res.shape_dims = shape_flags(self.ref_classes.scope(table.meta.token_scope),
                                      self.tgt_classes.scope(table.meta.token_scope)).flagged
         if self.counts["train_tokens"]:
-            res.mixed = mixed_dims(self.train).mixed
-            res.fits = fit_adapters(self.train, self.held if self.counts["held_tokens"] else None,
-                                    table.reference_mean, table.reference_std, consume=True)
+            res.fits = self.fitter.finish()
+            res.mixed = mixed_dims(self.fitter.train).mixed  # the per-dim diagonals the fit leaves
         else:
             res.notes.append("no training prompt had token ids matching the reference's: no adapter was fitted")
         res.correction = class_corrections(self.ref_classes, self.tgt_classes, self.prefix, thresholds)
@@ -159,6 +163,12 @@ class RepairStudy:
         res.results = ev.results()
         res.recommended, res.passed = ev.recommend(res.results)
         return res
+
+
+def study_order(prompts: Sequence[str], fraction: float = 0.2) -> list[int]:
+    """Indices of ``prompts``: the training prompts first, then the held-out ones, each in corpus order."""
+    held = [is_heldout(p, fraction) for p in prompts]
+    return [i for i, h in enumerate(held) if not h] + [i for i, h in enumerate(held) if h]
 
 
 def _table_mode(table: FixTable, mode: str, thresholds: Thresholds):

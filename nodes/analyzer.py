@@ -25,7 +25,7 @@ from ..dimfix.corpus import default_corpus_path, load_default_corpus, parse_corp
 from ..dimfix.fixtable import save_fix_table
 from ..dimfix.layers import LayerIndexError, plan_analysis_layers
 from ..dimfix.plots import to_image_batch
-from ..dimfix.repair import RepairStudy
+from ..dimfix.repair import RepairStudy, study_order
 from ..dimfix.tokens import SCOPES, ZIMAGE_TEMPLATE, classify_ids, classify_positions
 from . import comfy_access as host
 from .common import CATEGORY, FixTableSocket
@@ -252,7 +252,8 @@ def _encoder_analysis(reference, target, prompts: str, layer: int, reference_lay
     j_ref = ref_pos.index((lp.primary if lp.reference_layer is None else lp.reference_layer) + n_ref)
     j_tgt = tgt_pos.index(lp.primary + n_tgt)
     pbar = host.progress(len(corpus.prompts))
-    for prompt in corpus.prompts:
+    for i in study_order(corpus.prompts):  # the repair study fits on training prompts before held-out ones
+        prompt = corpus.prompts[i]
         host.check_interrupt()
         r, r_ids = host.encode_layers(reference, prompt, ref_pos, "reference", NODE)
         t, t_ids = host.encode_layers(target, prompt, tgt_pos, "target", NODE)
@@ -268,7 +269,7 @@ def _encoder_analysis(reference, target, prompts: str, layer: int, reference_lay
                 an.set_dit(*weights)
             study = RepairStudy(r.shape[-1], cap)
         r_lab, t_lab = _labels(r_ids, r.shape[1]), _labels(t_ids, t.shape[1])
-        an.add_prompt(r, t, r_lab, t_lab, prompt=prompt, ref_ids=r_ids, tgt_ids=t_ids)
+        an.add_prompt(r, t, r_lab, t_lab, prompt=prompt, ref_ids=r_ids, tgt_ids=t_ids, index=i)
         study.add_prompt(prompt, r[j_ref], t[j_tgt], r_ids, t_ids, r_lab, t_lab)
         pbar.update(1)
     return an, study

@@ -41,13 +41,13 @@ from bench_fix import ratio as interleaved_ratio  # noqa: E402
 
 load_core()
 from dimfix import fixes  # noqa: E402
-from dimfix.adapter import fit_adapters  # noqa: E402
+from dimfix.adapter import AdapterFitter, fit_adapters  # noqa: E402
 from dimfix.dit import CapEmbedder  # noqa: E402
 from dimfix.evaluate import ModeEvaluator, adapter_mode, classwise_mode, perdim_mode  # noqa: E402
 from dimfix.fixtable import FixTable  # noqa: E402
 from dimfix.pairs import PairSums, is_heldout  # noqa: E402
-from dimfix.perclass import PrefixStats, class_corrections, moment_match  # noqa: E402
-from dimfix.perclass import ClassedStats
+from dimfix.perclass import ClassedStats, PrefixStats, class_corrections, moment_match  # noqa: E402
+from dimfix.repair import study_order  # noqa: E402
 from dimfix.stats import DimStats  # noqa: E402
 from dimfix.tokens import TokenClass, classify_positions  # noqa: E402
 from zdf_testkit.profiles import near_identity_mix, qwen_like_profile, synthetic_cap_weights  # noqa: E402
@@ -182,29 +182,51 @@ def run_scenario(name: str, dim: int, prompts: int, tokens: int) -> dict[str, di
     return out
 
 
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(float(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024.0
+
+
+def _peak_start() -> float:
+    """Reset the peak-RSS mark (Linux: it survives fork/exec, so a parent's peak would hide this one's) and
+    return the RSS it starts from, in MiB; without /proc, the high-water mark so far."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return _status_mib("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _peak_mib() -> float:
+    try:
+        return _status_mib("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def perf(pairs: int = 50_000, dim: int = 2560, per: int = 100) -> dict[str, float]:
-    """Fit time and peak RSS beyond the start for ``pairs`` token pairs; apply cost vs one matmul."""
+    """Fit time and peak RSS (MiB) beyond the start for ``pairs`` token pairs; apply cost vs one matmul."""
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
     mean, sigma = (torch.from_numpy(a) for a in qwen_like_profile(dim))
     base = torch.randn(per, dim, generator=g)
     mix = torch.eye(dim) + 0.02 * torch.randn(dim, dim, generator=g)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    train, held = PairSums(dim), PairSums(dim)
+    rss0 = _peak_start()
+    fitter = AdapterFitter(dim, mean, sigma)
+    names = [f"perf prompt {i}" for i in range(pairs // per)]
     acc = acc_cpu = 0.0
-    for i in range(pairs // per):
+    for i in study_order(names):  # the staged fit: every training prompt, then the held-out ones
         z = base.roll(i, 0) * (1.0 + 0.01 * (i % 7)) + 0.1 * torch.randn(per, dim, generator=g)
         y = mean.float() + sigma.float() * z
         x = mean.float() + sigma.float() * (z @ mix.T)
         t0, c0 = time.perf_counter(), time.process_time()
-        (held if is_heldout(f"perf prompt {i}") else train).update(x, y)
+        (fitter.add_heldout if is_heldout(names[i]) else fitter.add_train)(x, y)
         acc, acc_cpu = acc + time.perf_counter() - t0, acc_cpu + time.process_time() - c0
     t0, c0 = time.perf_counter(), time.process_time()
-    train.flush()
-    held.flush()
-    fits = fit_adapters(train, held, mean, sigma, consume=True)
+    fits = fitter.finish()
     fit, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - rss0
+    peak = _peak_mib() - rss0
     w, b = fits["adapter"].weight, fits["adapter"].bias
     xc = torch.randn(1, 300, dim)
     ratio = interleaved_ratio(lambda: fits["adapter"].apply(xc), lambda: torch.matmul(xc, w.T), repeat=40)

@@ -1,10 +1,9 @@
-import math
-
 import numpy as np
 import pytest
 import torch
 
-from dimfix.adapter import apply_affine, apply_lowrank, fit_adapters
+from dimfix.adapter import AdapterFitter, apply_affine, apply_lowrank, fit_adapters
+from dimfix.eigenfit import HeldoutMoments, TrainBasis
 from dimfix.pairs import PairSums, align_token_ids, is_heldout, rmsnorm_weights
 from dimfix.tokens import ENDOFTEXT
 
@@ -285,3 +284,105 @@ def test_adapter_tensors_round_trip_through_a_fix_table(tmp_path):
     back = load_fix_table(save_fix_table(table, tmp_path / "t.safetensors"))
     for name, t in extras.items():
         assert torch.equal(back.extras[name], t), name
+
+
+# ---------------------------------------------------------------------------- the staged streaming fit
+def _stream(train, held, dim=12, units=(MU, SIG), metric=None, weights=None, **kw):
+    f = AdapterFitter(dim, *units, metric_factor=metric, **kw)
+    for i, (x, y) in enumerate(train + held):
+        add = f.add_train if i < len(train) else f.add_heldout
+        add(torch.from_numpy(x), torch.from_numpy(y), None if weights is None else weights[i])
+    return f.finish()
+
+
+@pytest.mark.parametrize("with_metric", [False, True])
+def test_streamed_heldout_moments_equal_the_ones_from_sums(with_metric):
+    prompts = _pairs(n_prompts=40, seed=13)
+    a = torch.from_numpy(np.random.default_rng(1).standard_normal((18, 12)) / SIG) if with_metric else None
+    wts = [rmsnorm_weights(torch.from_numpy(y)) for _, y in prompts]
+    train = _sums(prompts[:30], metric=a, weights=wts[:30])
+    mu, sig = torch.from_numpy(MU), torch.from_numpy(SIG)
+    basis = TrainBasis(train, mu, sig, (2, 5), (0.0, 0.1), True, consume=False)
+    streamed = HeldoutMoments(basis)
+    for (x, y), w in zip(prompts[30:], wts[30:]):
+        for part in (slice(0, 7), slice(7, None)):  # uneven updates: the merge must not depend on grouping
+            streamed.update(torch.from_numpy(x[part]), torch.from_numpy(y[part]), w[part])
+    ref = HeldoutMoments.from_sums(basis, _sums(prompts[30:], metric=a, weights=wts[30:]), consume=True)
+    assert streamed.count == ref.count == 250 and streamed.n == pytest.approx(ref.n, rel=1e-12)
+    for name in ("h", "rp", "k", "mx", "mr"):
+        got, want = getattr(streamed, name), getattr(ref, name)
+        assert torch.allclose(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max())), name
+    assert streamed.tr_rr == pytest.approx(ref.tr_rr, rel=1e-9)
+    assert streamed.tr_yy == pytest.approx(ref.tr_yy, rel=1e-9)
+
+
+@pytest.mark.parametrize("with_metric", [False, True])
+def test_streamed_fit_equals_the_fit_from_sums(with_metric):
+    prompts = _pairs(n_prompts=40, seed=14)
+    a = torch.from_numpy(np.random.default_rng(2).standard_normal((18, 12)) / SIG) if with_metric else None
+    wts = [rmsnorm_weights(torch.from_numpy(y)) for _, y in prompts]
+    got = _stream(prompts[:30], prompts[30:], metric=a, weights=wts, ranks=(2, 5), alphas=(0.0, 1e-3, 0.1, 1.0))
+    want = fit_adapters(_sums(prompts[:30], metric=a, weights=wts[:30]),
+                        _sums(prompts[30:], metric=a, weights=wts[30:]), MU, SIG, ranks=(2, 5),
+                        alphas=(0.0, 1e-3, 0.1, 1.0))
+    for key in ("adapter", "adapter_lowrank"):
+        g, w = got[key], want[key]
+        assert (g.kind, g.alpha, g.rank, g.heldout_count) == (w.kind, w.alpha, w.rank, w.heldout_count)
+        assert g.train_error == pytest.approx(w.train_error, rel=1e-9)
+        assert g.heldout_error == pytest.approx(w.heldout_error, rel=1e-9)
+        assert np.allclose(g.path, w.path, rtol=1e-9, atol=0)
+        for tg, tw in zip(g.affine(), w.affine()):
+            assert torch.allclose(tg, tw, rtol=1e-5, atol=1e-6 * float(tw.abs().max()))
+
+
+def test_streamed_heldout_errors_equal_explicit_for_every_mode():
+    prompts = _pairs(n_prompts=40, seed=15)
+    fits = _stream(prompts[:30], prompts[30:], ranks=(2, 5))
+    xh, yh = _stack(prompts[30:])
+    white = lambda v: (v - MU) / SIG  # noqa: E731
+    spread = ((white(yh) - white(yh).mean(0)) ** 2).sum()
+    assert fits["adapter"].kind == "full" and fits["adapter_lowrank"].kind == "lowrank"
+    for fit in fits.values():
+        w, b = (t.double().numpy() for t in fit.affine())
+        err = ((white(xh @ w.T + b) - white(yh)) ** 2).sum() / spread
+        assert fit.heldout_error == pytest.approx(err, rel=1e-5)
+    assert fits["adapter"].heldout_error == min(e for _, e in fits["adapter"].path)
+
+
+def test_fitter_units_default_to_the_training_reference_tokens():
+    prompts = _pairs(n_prompts=40, seed=16)
+    got = _stream(prompts[:30], prompts[30:], units=(None, None))["adapter"]
+    tr = _sums(prompts[:30])
+    want = fit_adapters(tr, _sums(prompts[30:]), tr.mean_y, (tr.dyy / tr.n).sqrt())["adapter"]
+    assert got.alpha == want.alpha and got.heldout_error == pytest.approx(want.heldout_error, rel=1e-9)
+    with pytest.raises(ValueError, match="both ref_mean and ref_std"):
+        AdapterFitter(12, MU, None)
+
+
+def test_fitter_refuses_training_pairs_after_heldout_ones_and_a_second_finish():
+    prompts = _pairs(n_prompts=4, seed=17)
+    f = AdapterFitter(12, MU, SIG)
+    x, y = (torch.from_numpy(t) for t in prompts[0])
+    f.add_train(x, y)
+    f.add_heldout(x[:0], y[:0])  # no rows: the training stage stays open
+    f.add_train(x, y)
+    f.add_heldout(x, y)
+    with pytest.raises(ValueError, match="study_order"):
+        f.add_train(x, y)
+    with pytest.raises(ValueError, match="NaN"):
+        f.add_heldout(x * float("nan"), y)
+    fits = f.finish()
+    assert fits["adapter"].train_count == 50 and fits["adapter"].heldout_count == 25
+    for call in (f.finish, lambda: f.add_heldout(x, y)):
+        with pytest.raises(ValueError, match="already called"):
+            call()
+
+
+def test_fitter_fallbacks():
+    one = AdapterFitter(12, MU, SIG)
+    one.add_train(torch.from_numpy(MU[None]), torch.from_numpy(MU[None]))
+    one.add_heldout(torch.from_numpy(MU[None]), torch.from_numpy(MU[None]))
+    assert one.finish()["adapter"].kind == "identity"
+    few = _stream(_pairs(n_prompts=2, per=4, seed=18), _pairs(n_prompts=2, per=4, seed=19))
+    assert few["adapter"].kind == "lowrank" and any("underdetermined" in n for n in few["adapter"].notes)
+    assert few["adapter"].heldout_count == 8 and np.isfinite(few["adapter"].heldout_error)

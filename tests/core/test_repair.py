@@ -37,9 +37,10 @@ def _corpus(mix: np.ndarray, prompts: int = 50, seed: int = 0):
 
 def _run(corpus, cap=None):
     an, study = CorpusAnalysis(D), repair.RepairStudy(D, cap)
-    for prompt, ids, y, x in corpus:
+    for i in repair.study_order([c[0] for c in corpus]):
+        prompt, ids, y, x = corpus[i]
         labels = classify_ids(ids)
-        an.add_prompt(y, x, labels, labels, prompt=prompt, ref_ids=ids, tgt_ids=ids)
+        an.add_prompt(y, x, labels, labels, prompt=prompt, ref_ids=ids, tgt_ids=ids, index=i)
         study.add_prompt(prompt, y, x, ids, ids, labels, labels)
     table = an.finish().fix_table()
     return table, study.finish(table, Thresholds())
@@ -111,3 +112,37 @@ def test_no_aligned_tokens_no_recommendation():
     res = study.finish(an.finish().fix_table(), Thresholds())
     assert res.recommended == "" and not res.fits and res.counts["skipped"] == 10
     assert "no training prompt" in res.markdown()
+
+
+def test_study_order_and_a_training_prompt_after_heldout_ones():
+    corpus, _ = _corpus(np.eye(D), prompts=30)
+    names = [c[0] for c in corpus]
+    order = repair.study_order(names)
+    held = [is_heldout(p) for p in names]
+    assert sorted(order) == list(range(30)) and 0 < sum(held) < 30
+    assert [held[i] for i in order] == sorted(held)  # training first, each side in corpus order
+    assert order == sorted(order, key=lambda i: (held[i], i))
+    study = repair.RepairStudy(D)
+    first_held = next(i for i in range(30) if held[i])
+    first_train = next(i for i in range(30) if not held[i])
+    for i in (first_train, first_held):
+        prompt, ids, y, x = corpus[i]
+        labels = classify_ids(ids)
+        study.add_prompt(prompt, y, x, ids, ids, labels, labels)
+    before = dict(study.counts), study.ref_classes.scope("all").count
+    prompt, ids, y, x = corpus[next(i for i in range(first_train + 1, 30) if not held[i])]
+    labels = classify_ids(ids)
+    with pytest.raises(ValueError, match="study_order"):
+        study.add_prompt(prompt, y, x, ids, ids, labels, labels)
+    assert (dict(study.counts), study.ref_classes.scope("all").count) == before  # nothing of it recorded
+
+
+def test_analysis_keeps_corpus_numbers_when_fed_in_study_order():
+    corpus, _ = _corpus(np.eye(D), prompts=12)
+    an = CorpusAnalysis(D)
+    for i in repair.study_order([c[0] for c in corpus]):
+        prompt, ids, y, x = corpus[i]
+        labels = classify_ids(ids)
+        an.add_prompt(y, x, labels, labels, prompt=prompt, ref_ids=ids, tgt_ids=ids, index=i)
+    rows = an.finish().prompt_cosines
+    assert [(i, p) for i, p, _ in rows] == [(i, c[0]) for i, c in enumerate(corpus)]
