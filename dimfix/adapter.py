@@ -6,8 +6,8 @@
 Both are fitted from token-aligned pairs of training and held-out prompts (split by
 :func:`~dimfix.pairs.is_heldout`), never from token matrices: :class:`AdapterFitter` streams the
 training pairs and then the held-out ones (three ``[D, D]`` float64 matrices at most, 157 MB at
-D = 2560); :func:`fit_adapters` takes two finished :class:`~dimfix.pairs.PairSums`. The numerics live
-in :mod:`dimfix.eigenfit`.
+D = 2560); :func:`fit_adapters` takes two finished :class:`~dimfix.pairs.PairSums` (four). The numerics
+live in :mod:`dimfix.eigenfit`.
 
 Space. Every dim is expressed in reference-σ units (``x̃ = (x - μ_ref)/σ_ref``, both sides), so the
 massive dims (σ ≈ 2750 next to a median of 5.6) do not dominate the fit. The residual ``ỹ - x̃`` is
@@ -236,8 +236,8 @@ class AdapterFitter:
     """Streaming fit in two stages: every training pair first (:meth:`add_train`), then the held-out pairs
     (:meth:`add_heldout`; the first held-out rows close the training stage), then :meth:`finish`.
 
-    Same results as :func:`fit_adapters` on the same pairs, with one ``[D, D]`` float64 matrix fewer alive
-    (about 160 MB at D = 2560 instead of 210 MB for the sums alone). ``ref_mean``/``ref_std``: the
+    Same results as :func:`fit_adapters` on the same pairs, with at most three ``[D, D]`` float64 matrices
+    alive (157 MB at D = 2560; two sums would be four). ``ref_mean``/``ref_std``: the
     reference-σ units; None takes them from the training pairs' reference side (mean and σ of ``y``).
     ``metric_factor``: see :class:`~dimfix.pairs.PairSums`.
     """

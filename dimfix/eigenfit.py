@@ -1,15 +1,17 @@
 """The numerics of :mod:`dimfix.adapter`: the training eigenbasis, held-out moments in it, the ridge and rank paths.
 
-A fit runs in two stages so that at most three ``[D, D]`` float64 matrices are alive at any time:
+A fit runs in two stages so that at most three ``[D, D]`` float64 matrices are alive, and only while the
+training eigenbasis is computed (two afterwards):
 
-1. :meth:`TrainBasis.build` takes the training :class:`~dimfix.pairs.PairSums`, whitens ``C̃xx`` and
-   ``C̃xr`` (reference-σ units) in place, diagonalises ``C̃xx = Q Λ Qᵀ`` and overwrites ``C̃xr`` with
-   ``P = Qᵀ C̃xr``. It also fixes the low-rank basis ``V`` (top eigenvectors of the fitted-value
-   covariance ``M½ Pᵀ diag(d₀) P M½`` at one α₀, see :func:`_top_eigvecs`).
-2. :class:`HeldoutMoments` collects what the held-out errors need, already in that basis. It can
-   stream tokens (:meth:`HeldoutMoments.update`) or convert held-out sums (:meth:`HeldoutMoments.from_sums`).
-   The moments are ``Ĥ = Σ w q qᵀ`` (``q = Qᵀ x̃``, centred), ``rp = Σ w q ∘ (P M r̃)`` and
-   ``K = Σ w q (r̃ᵀ M U)``, plus the means and ``tr(M C̃rr)``, ``tr(M C̃yy)``.
+1. :class:`TrainBasis` takes the training :class:`~dimfix.pairs.PairSums`, whitens ``C̃xx`` and ``C̃xr``
+   (reference-σ units) in place, diagonalises ``C̃xx = Q Λ Qᵀ`` and overwrites ``C̃xr`` with ``P = Qᵀ C̃xr``.
+   It also fixes the candidate α (``d = 1/(Λ+λ)`` each) and the low-rank basis ``V`` (top eigenvectors
+   of the fitted-value covariance ``M½ Pᵀ diag(d₀) P M½`` at one α₀, see :func:`_top_eigvecs`).
+2. :class:`HeldoutMoments` collects what the held-out errors need, already in that basis, either by
+   streaming tokens (:meth:`HeldoutMoments.update`) or from held-out sums (:meth:`HeldoutMoments.from_sums`):
+   with ``q`` the centred ``Qᵀ x̃`` and ``r̃`` the centred residual, ``rp = Σ w q ∘ (P M r̃)``,
+   ``K = Σ w q (r̃ᵀ M U)``, per α ``Σ w |Pᵀ(d ∘ q)|²_M`` and ``Σ w (Zᵀq)(Zᵀq)ᵀ``, the means and
+   ``tr(M C̃rr)``, ``tr(M C̃yy)``. Streaming costs one ``[T, D] × [D, D]`` product per token block and α.
 
 :func:`solve` then gets the train and held-out error of every α and every rank in closed form
 (see the module docs of :mod:`dimfix.adapter`), picks them by held-out error and builds the maps.
@@ -151,6 +153,7 @@ class TrainBasis:
 
         self.v = _top_eigvecs(fitted_cov, self.dim, max(self.ranks))
         self.u_all = self.metric.power(self.v, -0.5)  # U = M^-½ V (whitened); V itself without a metric
+        self.mhv = self.metric.power(self.v, 0.5)     # M½ V
         self.mu_all = self.u_all if self.metric.m is None else self.metric.m @ self.u_all  # M U
         self.umu = self.u_all.T @ self.mu_all  # Uᵀ M U
 
@@ -160,16 +163,22 @@ class TrainBasis:
 
 
 class HeldoutMoments:
-    """Stage 2: held-out moments in the training basis (see the module docs); float64, mergeable per chunk."""
+    """Stage 2: held-out moments in the training basis (see the module docs); float64, mergeable per chunk.
+
+    Per candidate α (``d = 1/(Λ+λ)``) it keeps ``quad[α] = Σ w |Pᵀ(d ∘ q)|²_M`` and
+    ``zz[α] = Σ w (Zᵀq)(Zᵀq)ᵀ`` with ``Z = diag(d) P M½ V`` (``[kmax, kmax]``), so no ``[D, D]`` matrix
+    of held-out moments is ever formed; ``q`` is the centred ``Qᵀ x̃`` and the chunks merge exactly (Chan).
+    """
 
     def __init__(self, basis: TrainBasis) -> None:
-        dim, k = basis.dim, basis.mu_all.shape[1]
+        dim, k, na = basis.dim, basis.mhv.shape[1], len(basis.alphas)
         self.basis = basis
         self.count, self.n, self.tr_rr, self.tr_yy = 0, 0.0, 0.0, 0.0
         self.mx, self.mr, self.my = (torch.zeros(dim, dtype=_F64) for _ in range(3))
-        self.h = torch.zeros((dim, dim), dtype=_F64)
         self.rp = torch.zeros(dim, dtype=_F64)
         self.k = torch.zeros((dim, k), dtype=_F64)
+        self.quad = torch.zeros(na, dtype=_F64)
+        self.zz = torch.zeros((na, k, k), dtype=_F64)
 
     def update(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Add aligned held-out pairs ``[T, D]`` (float64 on the CPU, finite; weights > 0 or None)."""
@@ -189,11 +198,15 @@ class HeldoutMoments:
             self.tr_rr += float(ws @ b.metric.norm2_rows(rs)) + f * float(b.metric.norm2_rows(dr))
             q = xs @ b.q
             del xs
-            qw = q if weight is None else q * ws[:, None]
-            self.h.addmm_(q.T, qw).addr_(dq, dq, alpha=f)
-            self.k.addmm_(qw.T, rs @ b.mu_all).addr_(dq, dr @ b.mu_all, alpha=f)
-            del qw
-            self.rp += ws @ q.mul_(b.metric.mul(rs) @ b.p.T) + f * dq * (b.metric.mul(dr) @ b.p.T)
+            self.k.addmm_(q.T, (rs @ b.mu_all) * ws[:, None]).addr_(dq, dr @ b.mu_all, alpha=f)
+            self.rp += ws @ (q * (b.metric.mul(rs) @ b.p.T)) + f * dq * (b.metric.mul(dr) @ b.p.T)
+            del rs
+            for j, a in enumerate(b.alphas):
+                d = b.d(a)
+                yq, ym = (q * d) @ b.p, (dq * d) @ b.p  # Pᵀ (d ∘ q) per token, and for the mean shift
+                self.quad[j] += float(ws @ b.metric.norm2_rows(yq)) + f * float(b.metric.norm2_rows(ym))
+                zq, zm = yq @ b.mhv, ym @ b.mhv
+                self.zz[j].addmm_(zq.T, zq * ws[:, None]).addr_(zm, zm, alpha=f)
             self.mx, self.my = self.mx + dx * (nb / tot), self.my + dy * (nb / tot)
             self.mr = self.my - self.mx
             self.n, self.count = tot, self.count + int(ws.numel())
@@ -201,17 +214,26 @@ class HeldoutMoments:
     @classmethod
     def from_sums(cls, basis: TrainBasis, held: PairSums, consume: bool) -> "HeldoutMoments":
         """The same moments from held-out pair sums (``consume`` reuses their matrices)."""
-        side = _whiten(held, basis.mu, basis.sig, basis.metric, consume)
-        out = cls.__new__(cls)
-        out.basis, out.count, out.n = basis, side["count"], side["n"]
-        out.tr_rr, out.tr_yy, out.mx, out.mr = side["tr_rr"], side["tr_yy"], side["mx"], side["mr"]
+        b = basis
+        side = _whiten(held, b.mu, b.sig, b.metric, consume)
+        out = cls(b)
+        out.count, out.n, out.tr_rr, out.tr_yy = side["count"], side["n"], side["tr_rr"], side["tr_yy"]
+        out.mx, out.mr = side["mx"], side["mr"]
         out.my = out.mr + out.mx
-        out.h = _mul_left_(_mul_right_(side["cxx"], basis.q), basis.q.T)  # Qᵀ C̃xx Q in place
-        r = _mul_left_(side["cxr"], basis.q.T)                              # R = Qᵀ C̃xr in place
+        h = _mul_left_(_mul_right_(side["cxx"], b.q), b.q.T)  # Ĥ = Qᵀ C̃xx Q in place
+        r = _mul_left_(side["cxr"], b.q.T)                     # R = Qᵀ C̃xr in place
         del side
-        blocks = zip(r.split(BLOCK), basis.p.split(BLOCK))
-        out.rp = torch.cat([(rb * basis.metric.mul(pb)).sum(1) for rb, pb in blocks])
-        out.k = r @ basis.mu_all
+        out.rp = torch.cat([(rb * b.metric.mul(pb)).sum(1) for rb, pb in zip(r.split(BLOCK), b.p.split(BLOCK))])
+        out.k = r @ b.mu_all
+        del r
+        dmat = torch.stack([b.d(a) for a in b.alphas], 1)  # [D, nα]
+        for i in range(0, b.dim, BLOCK):  # dᵀ ((P M Pᵀ) ∘ Ĥ) d, one row block of P M Pᵀ at a time
+            gh = (b.metric.mul(b.p[i:i + BLOCK]) @ b.p.T).mul_(h[i:i + BLOCK])
+            out.quad += (dmat[i:i + BLOCK] * (gh @ dmat)).sum(0)
+        pv = b.p @ b.mhv
+        for j in range(len(b.alphas)):
+            z = dmat[:, j:j + 1] * pv
+            out.zz[j] = z.T @ (h @ z)
         return out
 
 
@@ -221,26 +243,20 @@ def _ridge_path(b: TrainBasis, ho: HeldoutMoments | None) -> list[tuple[float, f
     e_tr = ((b.gdiag[:, None] * (dmat * dmat * b.lam[:, None] - 2 * dmat)).sum(0) + b.tr_rr) / b.tr_yy
     if ho is None:
         return [(a, float(e), math.nan) for a, e in zip(b.alphas, e_tr)]
-    quad = torch.zeros(len(b.alphas), dtype=_F64)  # dᵀ ((P M Pᵀ) ∘ Ĥ) d, one row block of P M Pᵀ at a time
-    for i in range(0, b.dim, BLOCK):
-        gh = (b.metric.mul(b.p[i:i + BLOCK]) @ b.p.T).mul_(ho.h[i:i + BLOCK])
-        quad += (dmat[i:i + BLOCK] * (gh @ dmat)).sum(0)
     qv, u = b.q.T @ (ho.mx - b.mx), ho.mr - b.mr
     z = b.p.T @ (dmat * qv[:, None]) - u[:, None]  # [D, nα] mean-shift error
     shift = (z * b.metric.mul(z.T).T).sum(0)
-    e_ho = (quad - 2 * (dmat.T @ ho.rp) + ho.tr_rr + ho.n * shift) / ho.tr_yy
+    e_ho = (ho.quad - 2 * (dmat.T @ ho.rp) + ho.tr_rr + ho.n * shift) / ho.tr_yy
     return [(a, float(et), float(eh)) for a, et, eh in zip(b.alphas, e_tr, e_ho)]
 
 
-def _lowrank_path(b: TrainBasis, ho: HeldoutMoments | None, d: torch.Tensor):
-    """(best rank, Z, train error, held-out error, path) of ``Δ = U Zᵀ Qᵀ`` with ``Z = diag(d) P M½ V``.
-    Frees the held-out ``Ĥ`` and ``K`` once ``Ĥ Z`` is known."""
-    z_all = (b.p @ b.metric.power(b.v, 0.5)).mul_(d[:, None])
-    qv = hz = k = None
-    if ho is not None:
-        qv, hz, k = b.q.T @ (ho.mx - b.mx), ho.h @ z_all, ho.k
-        ho.h = ho.k = None  # free Ĥ before the full map is formed (peak memory)
+def _lowrank_path(b: TrainBasis, ho: HeldoutMoments | None, alpha: float):
+    """(best rank, Z, train error, held-out error, path) of ``Δ = U Zᵀ Qᵀ`` with ``Z = diag(d) P M½ V``."""
     pmu = b.p @ b.mu_all  # P M U (the train cross term)
+    z_all = (pmu.clone() if b.metric.m is None else b.p @ b.mhv).mul_(b.d(alpha)[:, None])
+    qv = zz = None
+    if ho is not None:
+        qv, zz = b.q.T @ (ho.mx - b.mx), ho.zz[b.alphas.index(alpha)]
     path, best = [], None
     for r in b.ranks:
         z, umu = z_all[:, :r], b.umu[:r, :r]
@@ -249,7 +265,7 @@ def _lowrank_path(b: TrainBasis, ho: HeldoutMoments | None, d: torch.Tensor):
         e_ho = math.nan
         if ho is not None:
             e = b.u_all[:, :r] @ (z.T @ qv) - (ho.mr - b.mr)
-            e_ho = (float((umu * (z.T @ hz[:, :r])).sum()) - 2 * float((z * k[:, :r]).sum()) + ho.tr_rr
+            e_ho = (float((umu * zz[:r, :r]).sum()) - 2 * float((z * ho.k[:, :r]).sum()) + ho.tr_rr
                     + ho.n * float(b.metric.norm2_rows(e))) / ho.tr_yy
         path.append((float(r), e_ho))
         key = e_ho if ho is not None else -r
@@ -268,7 +284,7 @@ def solve(b: TrainBasis, ho: HeldoutMoments | None) -> dict[str, dict]:
     a, e_tr, e_ho = min(path, key=lambda t: t[2]) if ho is not None else path[0]
     d = b.d(a)
     common = dict(alpha=a, lam=a * b.mean_eig, train_count=b.count, heldout_count=0 if ho is None else ho.count)
-    r, z, lr_tr, lr_ho, rpath = _lowrank_path(b, ho, d)
+    r, z, lr_tr, lr_ho, rpath = _lowrank_path(b, ho, a)
     sig_c = b.sig[:, None]
     low = dict(kind="lowrank", u=(sig_c * b.u_all[:, :r]).float(), v=((b.q @ z) / sig_c).float(),
                mean=b.raw_mx.float(), shift=(b.raw_my - b.raw_mx).float(), rank=r, train_error=lr_tr,

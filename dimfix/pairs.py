@@ -9,10 +9,11 @@ were tokenised differently. :func:`is_heldout` splits prompts deterministically 
 and ``y``, the centred cross-moment matrices ``Cxx = Σ w (x-x̄)(x-x̄)ᵀ`` and ``Cxy = Σ w (x-x̄)(y-ȳ)ᵀ``
 (``[D, D]``; omitted with ``full=False``), their diagonals and the diagonal of ``Cyy``, plus, when a
 metric factor ``A`` (``[k, D]``) is given, ``qyy = Σ w |A (y-ȳ)|²``. Each update is centred about its
-own mean and merged by the exact pairwise (Chan et al.) formulas (updates are buffered up to
-:data:`BUFFER_ROWS` rows and merged together: the sums do not depend on how rows are grouped), so dims
-with mean ≈ 925 and σ ≈ 2750 next to σ ≈ 0.01 stay accurate. No token matrix is kept: memory is
-``2·D²·8`` bytes (52 MB each at D = 2560).
+own mean and merged by the exact pairwise (Chan et al.) formulas (updates are copied into a float64
+buffer of :data:`BUFFER_ROWS` rows, centred there in place and merged together: the sums do not depend
+on how rows are grouped), so dims with mean ≈ 925 and σ ≈ 2750 next to σ ≈ 0.01 stay accurate. No
+token matrix is kept: memory is ``2·D²·8`` bytes (52 MB each at D = 2560), plus the buffer (21 MB)
+while rows are pending.
 """
 
 from __future__ import annotations

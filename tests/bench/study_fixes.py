@@ -16,8 +16,10 @@ Every mode is scored by its held-out caption-space error (a stand-in caption emb
 a gain that damps each dim by median σ / σ_d, then a random Linear) divided by that of the
 closed-form least-squares linear map (``numpy.linalg.lstsq`` on the explicit training tokens).
 The performance part (a fresh process with a fixed glibc mmap threshold, so that the peak RSS is live
-memory) fits 50,000 pairs at width 2560 (wall and CPU time, peak RSS beyond the start) and times the
-full adapter on [1, 300, 2560] against one float32 matmul of that size.
+memory) streams 50,000 pairs at width 2560 through :class:`dimfix.adapter.AdapterFitter`, training
+prompts first as the Analyzer does (wall and CPU time; peak RSS beyond the start, from a reset of the
+kernel's high-water mark), and times the full adapter on [1, 300, 2560] against one float32 matmul of
+that size.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ from dimfix.fixtable import FixTable  # noqa: E402
 from dimfix.pairs import PairSums, is_heldout  # noqa: E402
 from dimfix.perclass import ClassedStats, PrefixStats, class_corrections, moment_match  # noqa: E402
 from dimfix.repair import study_order  # noqa: E402
-from dimfix.stats import DimStats  # noqa: E402
 from dimfix.tokens import TokenClass, classify_positions  # noqa: E402
 from zdf_testkit.profiles import near_identity_mix, qwen_like_profile, synthetic_cap_weights  # noqa: E402
 
@@ -227,7 +228,7 @@ def perf(pairs: int = 50_000, dim: int = 2560, per: int = 100) -> dict[str, floa
     fits = fitter.finish()
     fit, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = _peak_mib() - rss0
-    w, b = fits["adapter"].weight, fits["adapter"].bias
+    w = fits["adapter"].weight
     xc = torch.randn(1, 300, dim)
     ratio = interleaved_ratio(lambda: fits["adapter"].apply(xc), lambda: torch.matmul(xc, w.T), repeat=40)
     return {"accumulate_s": acc, "fit_s": fit, "total_s": acc + fit, "total_cpu_s": acc_cpu + fit_cpu,

@@ -309,7 +309,7 @@ def test_streamed_heldout_moments_equal_the_ones_from_sums(with_metric):
             streamed.update(torch.from_numpy(x[part]), torch.from_numpy(y[part]), w[part])
     ref = HeldoutMoments.from_sums(basis, _sums(prompts[30:], metric=a, weights=wts[30:]), consume=True)
     assert streamed.count == ref.count == 250 and streamed.n == pytest.approx(ref.n, rel=1e-12)
-    for name in ("h", "rp", "k", "mx", "mr"):
+    for name in ("quad", "zz", "rp", "k", "mx", "mr"):
         got, want = getattr(streamed, name), getattr(ref, name)
         assert torch.allclose(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max())), name
     assert streamed.tr_rr == pytest.approx(ref.tr_rr, rel=1e-9)
