@@ -297,6 +297,6 @@ class AdapterFitter:
         if self.stage == "train":
             self._close(heldout=False)
         self.stage = "done"
-        basis, held = self._basis, self._held
+        basis, held = self._basis, self._held if self.heldout_count else None
         self._basis = self._held = None
         return _finish(self.train, basis, held, self.units[1], self.heldout_count, self._failure)

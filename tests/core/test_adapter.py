@@ -383,6 +383,9 @@ def test_fitter_fallbacks():
     one.add_train(torch.from_numpy(MU[None]), torch.from_numpy(MU[None]))
     one.add_heldout(torch.from_numpy(MU[None]), torch.from_numpy(MU[None]))
     assert one.finish()["adapter"].kind == "identity"
+    alone = _stream(_pairs(n_prompts=30, seed=20), [])["adapter"]  # no held-out pair at all
+    assert alone.kind == "full" and alone.heldout_count == 0 and alone.alpha == 1e-2
+    assert np.isnan(alone.heldout_error) and np.isfinite(alone.train_error)
     few = _stream(_pairs(n_prompts=2, per=4, seed=18), _pairs(n_prompts=2, per=4, seed=19))
     assert few["adapter"].kind == "lowrank" and any("underdetermined" in n for n in few["adapter"].notes)
     assert few["adapter"].heldout_count == 8 and np.isfinite(few["adapter"].heldout_error)

@@ -150,8 +150,10 @@ def test_table_equals_core_stats_on_stock_conditioning(node, pack, clips, captur
     table, report, images = out.args
     core = pack.core
     assert isinstance(table, core.fixtable.FixTable)
-    ref = direct_stats(core, [stock_cond(ref_clip, p) for p in PROMPTS])
-    tgt = direct_stats(core, [stock_cond(tgt_clip, p) for p in PROMPTS])
+    order = [PROMPTS[i] for i in core.repair.study_order(PROMPTS)]  # the node encodes in this order
+    assert sorted(order) == sorted(PROMPTS)
+    ref = direct_stats(core, [stock_cond(ref_clip, p) for p in order])
+    tgt = direct_stats(core, [stock_cond(tgt_clip, p) for p in order])
     assert torch.equal(table.reference_mean, ref.float32()[0]) and torch.equal(table.reference_std, ref.float32()[1])
     assert torch.equal(table.target_mean, tgt.float32()[0]) and torch.equal(table.target_std, tgt.float32()[1])
     assert torch.equal(table.extras["target_p99"], tgt.percentiles([99.0])[99.0].float())
