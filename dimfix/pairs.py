@@ -29,8 +29,10 @@ _F64 = torch.float64
 #: Rows buffered across updates before one merge (larger matrix products: ~1.5× faster at D = 2560).
 BUFFER_ROWS = 512
 _DIAG_ROWS = 64
+#: Share of prompts held out to choose and judge the learned fixes.
+HELDOUT_FRACTION = 0.2
 
-__all__ = ["PairSums", "align_token_ids", "check_pairs", "is_heldout", "rmsnorm_weights"]
+__all__ = ["HELDOUT_FRACTION", "PairSums", "align_token_ids", "check_pairs", "is_heldout", "rmsnorm_weights"]
 
 
 def align_token_ids(ids_tgt: Sequence[int], ids_ref: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -51,7 +53,7 @@ def align_token_ids(ids_tgt: Sequence[int], ids_ref: Sequence[int]) -> tuple[tor
     return (idx, idx.clone()) if idx.numel() else None
 
 
-def is_heldout(prompt: str, fraction: float = 0.2) -> bool:
+def is_heldout(prompt: str, fraction: float = HELDOUT_FRACTION) -> bool:
     """Deterministic split: True for about ``fraction`` of prompts (SHA-256 of the UTF-8 text)."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")

@@ -30,7 +30,7 @@ from .diagnostics import mixed_dims, shape_flags
 from .dit import CapEmbedder
 from .evaluate import ModeEvaluator, ModeResult, adapter_mode, classwise_mode, results_markdown
 from .fixtable import FixTable
-from .pairs import align_token_ids, is_heldout
+from .pairs import HELDOUT_FRACTION, align_token_ids, is_heldout
 from .perclass import ClassCorrection, ClassedStats, PrefixStats, class_corrections
 from .tokens import classify_positions, scope_mask
 
@@ -108,7 +108,7 @@ class RepairResult:
 class RepairStudy:
     """Streaming repair study at one layer pair (see the module docstring)."""
 
-    def __init__(self, dim: int, cap: CapEmbedder | None = None, heldout_fraction: float = 0.2) -> None:
+    def __init__(self, dim: int, cap: CapEmbedder | None = None, heldout_fraction: float = HELDOUT_FRACTION) -> None:
         self.dim, self.cap, self.fraction = int(dim), cap, float(heldout_fraction)
         self.fitter = AdapterFitter(self.dim)
         self.ref_classes, self.tgt_classes = ClassedStats(self.dim), ClassedStats(self.dim)
@@ -165,7 +165,7 @@ class RepairStudy:
         return res
 
 
-def study_order(prompts: Sequence[str], fraction: float = 0.2) -> list[int]:
+def study_order(prompts: Sequence[str], fraction: float = HELDOUT_FRACTION) -> list[int]:
     """Indices of ``prompts``: the training prompts first, then the held-out ones, each in corpus order."""
     held = [is_heldout(p, fraction) for p in prompts]
     return [i for i, h in enumerate(held) if not h] + [i for i, h in enumerate(held) if h]
